@@ -1,0 +1,13 @@
+"""Defenses, one module each, registered by name (see registry.py)."""
+from bdcore.defenses.base import (
+    DefenseConfig,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseSkipped,
+    PostTrainingDefense,
+    TrainingTimeDefense,
+)
+from bdcore.defenses.registry import DEFENSES, build_defense, defense_config, defense_names, register_defense
+
+__all__ = ["DEFENSES", "DefenseConfig", "DefenseContext", "DefenseOutcome", "DefenseSkipped", "PostTrainingDefense",
+           "TrainingTimeDefense", "build_defense", "defense_config", "defense_names", "register_defense"]

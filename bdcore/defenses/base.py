@@ -1,0 +1,88 @@
+"""Defense interfaces. A post-training defense maps (backdoored model, defender's clean data) to a
+model; a training-time defense maps the poisoned training set to a model. Both return diagnostics.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bdcore.data.base import DatasetInfo, DefenderData
+from bdcore.train.config import TrainConfig
+
+
+class DefenseConfig(BaseModel):
+    """Settings every defense shares; subclasses add their paper's parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clean_fraction: float = Field(0.05, gt=0, le=1)  # defender's clean share of the training set
+    seed: int = 0
+
+
+class DefenseSkipped(Exception):
+    """The defense does not apply to this cell (e.g. a BN method on a model without BN)."""
+
+
+@dataclass
+class DefenseContext:
+    """What the engine hands a defense besides its inputs."""
+
+    info: DatasetInfo
+    device: str = "auto"
+    work_dir: Path | None = None  # for resumable checkpoints
+    on_epoch_end: Callable[[int, dict], None] | None = None
+    model_factory: Callable[[], nn.Module] | None = None  # a fresh model of the victim's architecture
+    train_config: TrainConfig | None = None  # the attack cell's training config
+
+
+@dataclass
+class DefenseOutcome:
+    model: nn.Module
+    diagnostics: dict = field(default_factory=dict)
+
+
+class PostTrainingDefense(ABC):
+    """(backdoored model, clean data) -> repaired model."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "post_training"
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+
+    def __init__(self, config: DefenseConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def repair(self, model: nn.Module, clean: DefenderData, ctx: DefenseContext) -> DefenseOutcome:
+        ...
+
+
+class TrainingTimeDefense(ABC):
+    """Poisoned training set -> model trained so the backdoor does not take hold."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "training_time"
+    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+
+    def __init__(self, config: DefenseConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def train(self, poisoned, ctx: DefenseContext) -> DefenseOutcome:
+        """`poisoned` is a bdcore.attacks.PoisonedTrainSet."""
+
+
+Defense = PostTrainingDefense | TrainingTimeDefense
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
