@@ -1,0 +1,286 @@
+"""Whole experiment cells: an attack cell trains (or reuses) a backdoored model; a defense cell
+repairs it and scores the repair. Both are saved as artifacts keyed by a hash of their full,
+default-filled configuration, so identical cells are computed once and reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bdcore.artifacts import ArtifactError, load_artifact, read_metadata, save_artifact
+from bdcore.attacks import Attack, AttackConfig, PoisonedTrainSet, attack_config, build_attack
+from bdcore.data import DatasetInfo, DatasetSplits, defender_subset, load_dataset
+from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, build_defense, defense_config
+from bdcore.metrics import BackdoorMetrics, BackdoorTestSet, backdoor_metrics, defense_scores
+from bdcore.models import build_model
+from bdcore.train import TrainConfig, default_train_config, seed_everything, train_model
+
+EpochCallback = Callable[[int, dict], None]
+# Settings that change where or how fast a cell runs, never its result: not part of its key.
+_RUNTIME_ONLY = {"device"}
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class AttackCellSpec(BaseModel):
+    """One attack cell: dataset x model x attack x ratio x label mode x seed (+ parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    model: str
+    attack: str
+    ratio: float = Field(gt=0, le=1)
+    label_mode: Literal["all2one", "all2all"] = "all2one"
+    target: int = Field(0, ge=0)
+    seed: int = 0
+    attack_params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig overrides
+    data_root: str | None = None  # where the dataset lives; not part of the key
+    pretrained: str | None = None  # local weights file to start from
+
+    def attack_config(self) -> AttackConfig:
+        return attack_config(self.attack, ratio=self.ratio, target=self.target, label_mode=self.label_mode,
+                             seed=self.seed, **self.attack_params)
+
+    def train_config(self) -> TrainConfig:
+        return default_train_config(self.dataset, **self.train)
+
+    def key(self) -> str:
+        train = {k: v for k, v in self.train_config().model_dump().items() if k not in _RUNTIME_ONLY}
+        return _digest({"dataset": self.dataset, "model": self.model, "attack": self.attack,
+                        "attack_config": self.attack_config().model_dump(), "train": train,
+                        "pretrained": self.pretrained})[:16]
+
+    def name(self) -> str:
+        return (f"{self.dataset}-{self.model}-{self.attack}-r{self.ratio:g}-{self.label_mode}-t{self.target}"
+                f"-s{self.seed}-{self.key()[:8]}")
+
+
+class DefenseCellSpec(BaseModel):
+    """One defense applied to one attack cell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defense: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def config(self, seed: int) -> DefenseConfig:
+        params = {"seed": seed, **self.params}
+        return defense_config(self.defense, **params)
+
+    def key(self, attack_key: str, seed: int) -> str:
+        return _digest({"attack": attack_key, "defense": self.defense,
+                        "config": self.config(seed).model_dump()})[:16]
+
+
+@dataclass
+class AttackCellResult:
+    spec: AttackCellSpec
+    path: Path
+    metrics: BackdoorMetrics
+    reused: bool
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class DefenseCellResult:
+    defense: DefenseCellSpec
+    path: Path | None
+    status: Literal["done", "skipped"]
+    undefended: BackdoorMetrics
+    metrics: BackdoorMetrics | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # der, rir
+    diagnostics: dict = field(default_factory=dict)
+    reason: str = ""
+    reused: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class LoadedAttackCell:
+    """Everything a defense or analysis needs, rebuilt from an attack artifact alone."""
+
+    spec: AttackCellSpec
+    info: DatasetInfo
+    model: nn.Module
+    attack: Attack
+    metrics: BackdoorMetrics
+    poison_indices: torch.Tensor
+    path: Path
+
+    def fresh_model(self) -> nn.Module:
+        return build_model(self.spec.model, self.info)
+
+
+def attack_cell_dir(out_dir: str | Path, spec: AttackCellSpec) -> Path:
+    return Path(out_dir) / "attacks" / spec.name()
+
+
+def defense_cell_dir(out_dir: str | Path, attack_spec: AttackCellSpec, defense: DefenseCellSpec) -> Path:
+    key = defense.key(attack_spec.key(), attack_spec.seed)
+    return Path(out_dir) / "defenses" / attack_spec.name() / f"{defense.defense}-{key[:8]}"
+
+
+def _metrics(d: dict) -> BackdoorMetrics:
+    return BackdoorMetrics(acc=d["acc"], asr=d["asr"], ra=d["ra"])
+
+
+def _existing(folder: Path, key: str) -> dict | None:
+    """The metadata of a complete artifact of this exact cell, else None (absent or corrupt
+    artifacts are recomputed; a foreign folder with the same name is an error)."""
+    if not folder.exists():
+        return None
+    try:
+        load_artifact(folder)  # verifies every hash
+        metadata = read_metadata(folder)
+    except ArtifactError:
+        return None
+    if metadata.get("cell_key") != key:
+        raise ArtifactError(f"{str(folder)!r} holds cell {metadata.get('cell_key')!r}, expected {key!r}")
+    return metadata
+
+
+def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "auto",
+                    on_epoch_end: EpochCallback | None = None,
+                    data: DatasetSplits | None = None) -> AttackCellResult:
+    """Train the backdoored model of `spec` (resuming from its last epoch checkpoint) or reuse
+    its saved artifact."""
+    started = time.perf_counter()
+    folder = attack_cell_dir(out_dir, spec)
+    key = spec.key()
+    existing = _existing(folder, key)
+    if existing is not None:
+        return AttackCellResult(spec, folder, _metrics(existing["metrics"]), True, 0.0, existing.get("history", []))
+
+    attack_cfg = spec.attack_config()  # validates parameters before any data is loaded
+    train_cfg = spec.train_config().model_copy(update={"device": device})
+    data = data or load_dataset(spec.dataset, root=spec.data_root)
+    attack = build_attack(spec.attack, data.info, **attack_cfg.model_dump())
+    attack.prepare(data.train)
+    poisoned = attack.poison_train(data.train)
+    backdoor_test = attack.backdoor_test(data.test)
+
+    seed_everything(spec.seed)
+    model = build_model(spec.model, data.info, pretrained=spec.pretrained)
+    work = Path(out_dir) / "work" / "attacks" / spec.name()
+    result = train_model(model, poisoned.data, data.info, train_cfg, seed=spec.seed,
+                         step=attack.training_step(poisoned), on_epoch_end=on_epoch_end, checkpoint_dir=work,
+                         checkpoint_tag=key, extra_state=attack.state_tensors,
+                         restore_extra_state=attack.load_state_tensors)
+    metrics = backdoor_metrics(model, data.test, backdoor_test, data.info, device=device)
+    seconds = time.perf_counter() - started
+    save_artifact(folder, model.state_dict(), {
+        "kind": "attack",
+        "cell_key": key,
+        "spec": spec.model_dump(),
+        "attack_config": attack_cfg.model_dump(),
+        "train_config": train_cfg.model_dump(),
+        "dataset_info": data.info.to_dict(),
+        "poison_indices": poisoned.poison_indices.tolist(),
+        "extra_indices": {k: v.tolist() for k, v in poisoned.extra_indices.items()},
+        "has_poisoned_trainset": attack.has_poisoned_trainset,
+        "metrics": metrics.as_dict(),
+        "history": result.history,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "seconds": seconds,
+    }, extra={f"attack.{k}": v for k, v in attack.state_tensors().items()})
+    shutil.rmtree(work, ignore_errors=True)
+    return AttackCellResult(spec, folder, metrics, False, seconds, result.history)
+
+
+def load_attack_cell(folder: str | Path) -> LoadedAttackCell:
+    """Rebuild model and attack (its trigger from the saved tensors) from an attack artifact."""
+    artifact = load_artifact(folder)
+    meta = artifact.metadata
+    if meta.get("kind") != "attack":
+        raise ArtifactError(f"{str(folder)!r} is a {meta.get('kind')!r} artifact, not an attack cell")
+    spec = AttackCellSpec(**meta["spec"])
+    info = DatasetInfo.from_dict(meta["dataset_info"])
+    model = build_model(spec.model, info)
+    try:
+        model.load_state_dict(artifact.model_state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"artifact {str(folder)!r} does not fit model {spec.model!r}: {exc}") from exc
+    model.eval()
+    attack = build_attack(spec.attack, info, **meta["attack_config"])
+    attack.load_state_tensors({k[len("attack."):]: v for k, v in artifact.extra.items() if k.startswith("attack.")})
+    return LoadedAttackCell(spec, info, model, attack, _metrics(meta["metrics"]),
+                            torch.tensor(meta["poison_indices"], dtype=torch.long), Path(folder))
+
+
+def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: str | Path, device: str = "auto",
+                     on_epoch_end: EpochCallback | None = None,
+                     data: DatasetSplits | None = None) -> DefenseCellResult:
+    """Apply `defense` to the backdoored model saved at `attack_dir` and score it against the
+    undefended model (ACC / ASR / RA, DER, RIR), or reuse the saved result."""
+    started = time.perf_counter()
+    cell = load_attack_cell(attack_dir)
+    spec = cell.spec
+    config = defense.config(spec.seed)
+    folder = defense_cell_dir(out_dir, spec, defense)
+    key = defense.key(spec.key(), spec.seed)
+    existing = _existing(folder, key)
+    if existing is not None:
+        return DefenseCellResult(defense, folder, "done", cell.metrics, _metrics(existing["metrics"]),
+                                 existing["scores"], existing["diagnostics"], reused=True)
+
+    data = data or load_dataset(spec.dataset, root=spec.data_root)
+    backdoor_test: BackdoorTestSet = cell.attack.backdoor_test(data.test)
+    method = build_defense(defense.defense, **config.model_dump())
+    work = Path(out_dir) / "work" / "defenses" / spec.name() / folder.name
+    ctx = DefenseContext(info=cell.info, device=device, work_dir=work, on_epoch_end=on_epoch_end,
+                         model_factory=cell.fresh_model, train_config=spec.train_config())
+    seed_everything(spec.seed)
+    try:
+        if method.kind == "post_training":
+            clean = defender_subset(data.train, config.clean_fraction, seed=spec.seed)
+            outcome = method.repair(cell.model, clean, ctx)
+        else:
+            outcome = method.train(_rebuild_poisoned(cell, data), ctx)
+    except DefenseSkipped as skipped:
+        return DefenseCellResult(defense, None, "skipped", cell.metrics, reason=str(skipped),
+                                 seconds=time.perf_counter() - started)
+    metrics = backdoor_metrics(outcome.model, data.test, backdoor_test, cell.info, device=device)
+    scores = defense_scores(cell.metrics, metrics)
+    seconds = time.perf_counter() - started
+    save_artifact(folder, outcome.model.state_dict(), {
+        "kind": "defense",
+        "cell_key": key,
+        "attack_cell": {"key": spec.key(), "name": spec.name(), "spec": spec.model_dump()},
+        "defense": defense.model_dump(),
+        "defense_config": config.model_dump(),
+        "dataset_info": cell.info.to_dict(),
+        "undefended_metrics": cell.metrics.as_dict(),
+        "metrics": metrics.as_dict(),
+        "scores": scores,
+        "diagnostics": outcome.diagnostics,
+        "seconds": seconds,
+    })
+    shutil.rmtree(work, ignore_errors=True)
+    return DefenseCellResult(defense, folder, "done", cell.metrics, metrics, scores, outcome.diagnostics,
+                             seconds=seconds)
+
+
+def _rebuild_poisoned(cell: LoadedAttackCell, data: DatasetSplits) -> PoisonedTrainSet:
+    """The attack's poisoning is deterministic given its config and saved trigger; rebuild it and
+    check it against the poison indices the artifact recorded."""
+    if not cell.attack.has_poisoned_trainset:
+        raise DefenseSkipped(f"attack {cell.spec.attack!r} produces no poisoned training set")
+    poisoned = cell.attack.poison_train(data.train)
+    if not torch.equal(poisoned.poison_indices.cpu(), cell.poison_indices):
+        raise ArtifactError(f"{str(cell.path)!r}: rebuilt poison indices differ from the saved ones "
+                            "(dataset files changed since the attack was trained?)")
+    return poisoned

@@ -1,0 +1,131 @@
+"""`bdsweep`: the command line of the engine.
+
+  bdsweep cell --dataset digits --model smallcnn --attack badnet --ratio 0.1 --defense ft
+
+runs one attack cell (or reuses its saved artifact) and one defense cell, and prints ACC / ASR /
+RA / DER for "no defense" and for the defense, and where the artifacts went.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _parse_params(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML scalars (0.2 -> float, true -> bool, [1,2] -> list)."""
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects key=value, got {item!r}")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{flag} {item!r}: value is not valid YAML ({exc.problem})") from exc
+    return params
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:6.2f}"
+
+
+def cmd_cell(args: argparse.Namespace) -> int:
+    from bdcore.cells import AttackCellSpec, DefenseCellSpec, run_attack_cell, run_defense_cell
+    from bdcore.data import load_dataset
+
+    spec = AttackCellSpec(
+        dataset=args.dataset, model=args.model, attack=args.attack, ratio=args.ratio, label_mode=args.label_mode,
+        target=args.target, seed=args.seed, attack_params=_parse_params(args.attack_param, "--attack-param"),
+        train=_parse_params(args.train, "--train"), data_root=args.data_root, pretrained=args.pretrained,
+    )
+    defense = DefenseCellSpec(defense=args.defense, params=_parse_params(args.defense_param, "--defense-param"))
+    # Validate every name and parameter before any training starts.
+    spec.key()
+    defense.config(spec.seed)
+    out = Path(args.out)
+    data = load_dataset(spec.dataset, root=spec.data_root)
+
+    def progress(stage: str):
+        def report(epoch: int, record: dict) -> None:
+            if not args.quiet:
+                print(f"  [{stage}] epoch {epoch}: loss {record['train_loss']:.4f}", file=sys.stderr, flush=True)
+        return report
+
+    attack = run_attack_cell(spec, out, device=args.device, on_epoch_end=progress("attack"), data=data)
+    result = run_defense_cell(attack.path, defense, out, device=args.device, on_epoch_end=progress(args.defense),
+                              data=data)
+
+    print(f"cell: {spec.dataset} / {spec.model} / {spec.attack} @ {spec.ratio:g} ({spec.label_mode}, seed {spec.seed})")
+    print(f"{'defense':<12}{'ACC %':>8}{'ASR %':>8}{'RA %':>8}{'DER %':>8}{'RIR %':>8}")
+    u = attack.metrics
+    print(f"{'none':<12}{_fmt(u.acc):>8}{_fmt(u.asr):>8}{_fmt(u.ra):>8}{'-':>8}{'-':>8}")
+    if result.status == "done":
+        m = result.metrics
+        print(f"{args.defense:<12}{_fmt(m.acc):>8}{_fmt(m.asr):>8}{_fmt(m.ra):>8}"
+              f"{_fmt(result.scores['der']):>8}{_fmt(result.scores['rir']):>8}")
+    else:
+        print(f"{args.defense:<12} skipped: {result.reason}")
+    print(f"attack artifact:  {attack.path}{'  (reused)' if attack.reused else ''}")
+    if result.path is not None:
+        print(f"defense artifact: {result.path}{'  (reused)' if result.reused else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bdsweep", description="Backdoor attack x defense experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cell = sub.add_parser("cell", help="run one attack cell and one defense cell")
+    cell.add_argument("--dataset", required=True)
+    cell.add_argument("--model", required=True)
+    cell.add_argument("--attack", required=True)
+    cell.add_argument("--ratio", type=float, required=True, help="poisoned samples / all training samples")
+    cell.add_argument("--defense", required=True)
+    cell.add_argument("--seed", type=int, default=0)
+    cell.add_argument("--target", type=int, default=0)
+    cell.add_argument("--label-mode", default="all2one", choices=["all2one", "all2all"])
+    cell.add_argument("--out", default="runs", help="output folder (default: runs)")
+    cell.add_argument("--data-root", default=None, help="dataset folder (default: $BDCORE_<NAME>_ROOT, $BDCORE_DATA_ROOT)")
+    cell.add_argument("--pretrained", default=None, help="local weights file to start the model from")
+    cell.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    cell.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    cell.add_argument("--defense-param", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    cell.add_argument("--train", action="append", metavar="KEY=VALUE", help="training override, e.g. epochs=5")
+    cell.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    cell.set_defaults(func=cmd_cell)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from bdcore.artifacts import ArtifactError
+    from bdcore.data import DatasetError
+    from bdcore.models import WeightsError
+    from bdcore.registry import UnknownNameError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
+        )
+        print(f"bdsweep: error: invalid {exc.title}: {problems}", file=sys.stderr)
+    except (UsageError, UnknownNameError, DatasetError, WeightsError, ArtifactError) as exc:
+        print(f"bdsweep: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bdsweep: interrupted; finished cells are saved and will be reused", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
