@@ -1,0 +1,93 @@
+"""`bdsweep cell` end to end (short training), artifact reuse, and one-line errors with exit 2."""
+import shutil
+
+import pytest
+import torch
+
+import bdcore.cells as cells
+from bdcore.cells import AttackCellSpec, load_attack_cell
+from sweep.cli import main
+
+FAST = ["--train", "epochs=3", "--defense-param", "epochs=2", "--defense-param", "clean_fraction=0.1", "--quiet"]
+CELL = ["cell", "--dataset", "digits", "--model", "smallcnn", "--attack", "badnet", "--ratio", "0.1", "--defense", "ft"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return out
+
+
+def test_cell_runs_then_reuses(finished, capsys, monkeypatch):
+    assert main(CELL + FAST + ["--out", str(finished)]) == 0
+    first = capsys.readouterr().out
+    assert "none" in first and "ft" in first and "DER %" in first and "attack artifact:" in first
+    attack_dirs = list((finished / "attacks").iterdir())
+    assert len(attack_dirs) == 1
+    # Second run: nothing is trained again.
+    def no_training(*a, **k):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(cells, "train_model", no_training)
+    monkeypatch.setattr("bdcore.defenses.ft.train_model", no_training)
+    assert main(CELL + FAST + ["--out", str(finished)]) == 0
+    second = capsys.readouterr().out
+    assert second.count("(reused)") == 2
+    # The table rows are the same numbers.
+    assert [l for l in first.splitlines() if l.startswith(("none", "ft"))] == \
+           [l for l in second.splitlines() if l.startswith(("none", "ft"))]
+
+
+def test_attack_artifact_rebuilds_trigger_and_model(finished, digits):
+    folder = next((finished / "attacks").iterdir())
+    cell = load_attack_cell(folder)
+    assert cell.spec.attack == "badnet" and len(cell.poison_indices) == round(0.1 * len(digits.train))
+    bd = cell.attack.backdoor_test(digits.test)
+    assert (bd.images[:, :, -3:, -3:] == 255).all()
+    from bdcore.metrics import backdoor_metrics
+
+    again = backdoor_metrics(cell.model, digits.test, bd, cell.info)
+    assert again.asr == pytest.approx(cell.metrics.asr) and again.acc == pytest.approx(cell.metrics.acc)
+
+
+def test_corrupt_artifact_is_recomputed(finished, capsys):
+    folder = next((finished / "attacks").iterdir())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    shutil.rmtree(finished / "defenses")
+    assert main(CELL + FAST + ["--out", str(finished)]) == 0
+    assert "(reused)" not in capsys.readouterr().out
+    load_attack_cell(folder)  # whole again
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attack", "badnot"], "unknown attack 'badnot'; known attacks: badnet, blended"),
+    (["--model", "resnet99"], "unknown model 'resnet99'; known models:"),
+    (["--defense", "fq"], "unknown defense 'fq'; known defenses:"),
+    (["--ratio", "1.5"], "ratio: Input should be less than or equal to 1"),
+    (["--attack-param", "patch_sise=4"], "patch_sise"),
+    (["--defense-param", "epoks=4"], "epoks"),
+    (["--train", "lr=-1"], "lr"),
+    (["--attack-param", "novalue"], "expects key=value"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv, message):
+    args = list(CELL)
+    for flag, value in zip(argv[::2], argv[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert main(args + ["--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bdsweep: error:") and message in err
+    assert not (tmp_path / "attacks").exists()  # nothing ran
+
+
+def test_spec_key_ignores_device_but_not_training():
+    a = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1)
+    b = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1, train={"device": "cpu"})
+    c = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1, train={"epochs": 3})
+    d = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1, attack_params={"patch_size": 3})
+    assert a.key() == b.key() == d.key()  # defaults filled in: explicit default = implicit default
+    assert a.key() != c.key()
