@@ -217,18 +217,27 @@ def main(argv=None) -> int:
 
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     names = list(pipelines)
+    others: list[float] = []  # CPU share other processes took during each timed run
     for r in range(args.repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
+            meter = OtherCpuMeter()
             images, seconds = pipelines[name](full_data[name], args.epochs)
             rates[name].append(images / seconds)
+            other = meter.share()
+            if other is not None:
+                others.append(other)
 
+    if others and max(others) > 0.1:
+        print(f"warning: other processes took up to {max(others):.0%} of the CPU during the timed runs; "
+              f"the figures are contaminated (rerun on a quiet machine)", file=sys.stderr)
     medians = {name: statistics.median(v) for name, v in rates.items()}
     ratios = {f"workers={w}": medians["ours"] / medians[f"backdoorbench_w{w}"] for w in worker_settings}
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "processor": _cpu_name(), "device": args.device,
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "other_cpu_use_before": busy_before},
+                    "other_cpu_use_before": busy_before,
+                    "other_cpu_use_max_during_runs": max(others) if others else None},
         "config": {"dataset": args.dataset, "train_images": len(clean), "poisoned": len(poisoned.poison_indices),
                    "model": args.model, "batch_size": args.batch_size, "epochs": args.epochs,
                    "threads": args.threads, "repeats": args.repeats, "workers": worker_settings},
@@ -251,24 +260,42 @@ def main(argv=None) -> int:
         print(f"{labels[name]:<36}{medians[name]:>10.1f}   [{runs}]")
     for w in worker_settings:
         print(f"ratio (ours / BackdoorBench-style, workers={w}): {ratios[f'workers={w}']:.1f}x")
+    if others:
+        print(f"(other processes' CPU share during timed runs: max {max(others):.0%})")
     return 0
 
 
-def _other_cpu_use(seconds: float = 1.0) -> float | None:
-    """Fraction of all CPUs busy over `seconds` while this process sleeps (Linux /proc/stat)."""
-    def sample():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
+class OtherCpuMeter:
+    """Share of the machine's CPU time used by *other* processes over an interval: busy time in
+    /proc/stat minus this process's and its reaped children's (DataLoader workers) CPU time.
+    Linux only; `share()` is None elsewhere."""
 
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    total = total1 - total0
-    return round(1 - (idle1 - idle0) / total, 2) if total > 0 else None
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+        t = os.times()
+        return busy, t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        capacity = wall * (os.cpu_count() or 1)
+        return round(min(max((busy - own) / capacity, 0.0), 1.0), 2) if capacity > 0 else None
+
+
+def _other_cpu_use(seconds: float = 1.0) -> float | None:
+    meter = OtherCpuMeter()
+    time.sleep(seconds)
+    return meter.share()
 
 
 def _cpu_name() -> str:

@@ -2,7 +2,6 @@
 import shutil
 
 import pytest
-import torch
 
 import bdcore.cells as cells
 from bdcore.cells import AttackCellSpec, load_attack_cell
