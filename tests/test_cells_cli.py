@@ -2,6 +2,7 @@
 import shutil
 
 import pytest
+import torch
 
 import bdcore.cells as cells
 from bdcore.cells import AttackCellSpec, load_attack_cell
@@ -90,3 +91,34 @@ def test_spec_key_ignores_device_but_not_training():
     d = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1, attack_params={"patch_size": 3})
     assert a.key() == b.key() == d.key()  # defaults filled in: explicit default = implicit default
     assert a.key() != c.key()
+
+
+def test_training_time_defense_gets_the_rebuilt_poisoned_set(finished):
+    """A training-time defense receives the poisoned training set rebuilt from the artifact
+    (indices checked against the saved ones) and a fresh model of the victim's architecture."""
+    from bdcore.cells import DefenseCellSpec, run_defense_cell
+    from bdcore.data import ImageSet
+    from bdcore.defenses import DEFENSES, DefenseOutcome, TrainingTimeDefense
+    from bdcore.train import train_model
+
+    class OracleFilter(TrainingTimeDefense):
+        """Drops the true poison indices and retrains: an upper bound, for this test only."""
+
+        def train(self, poisoned, ctx):
+            keep = torch.ones(len(poisoned.data), dtype=torch.bool)
+            keep[poisoned.poison_indices] = False
+            model = ctx.model_factory()
+            data = ImageSet(poisoned.data.images[keep], poisoned.data.labels[keep])
+            train_model(model, data, ctx.info, ctx.train_config, seed=0)
+            return DefenseOutcome(model, {"dropped": int((~keep).sum())})
+
+    OracleFilter.name = "oracle_filter_test"
+    DEFENSES._entries["oracle_filter_test"] = OracleFilter
+    try:
+        attack_dir = next((finished / "attacks").iterdir())
+        result = run_defense_cell(attack_dir, DefenseCellSpec(defense="oracle_filter_test"), finished)
+    finally:
+        del DEFENSES._entries["oracle_filter_test"]
+    assert result.status == "done"
+    assert result.diagnostics["dropped"] == len(load_attack_cell(attack_dir).poison_indices)
+    assert result.metrics.asr < 0.2 < result.undefended.asr
