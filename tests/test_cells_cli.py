@@ -122,3 +122,26 @@ def test_training_time_defense_gets_the_rebuilt_poisoned_set(finished):
     assert result.status == "done"
     assert result.diagnostics["dropped"] == len(load_attack_cell(attack_dir).poison_indices)
     assert result.metrics.asr < 0.2 < result.undefended.asr
+
+
+def test_killed_attack_cell_resumes_at_its_epoch(tmp_path, digits):
+    from bdcore.artifacts import read_metadata
+    from bdcore.cells import run_attack_cell
+
+    spec = AttackCellSpec(dataset="digits", model="smallcnn", attack="blended", ratio=0.1, train={"epochs": 3})
+
+    class Killed(Exception):
+        pass
+
+    def die_at_two(epoch, record):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_attack_cell(spec, tmp_path, data=digits, on_epoch_end=die_at_two)
+    assert not (tmp_path / "attacks").exists() or not any((tmp_path / "attacks").iterdir())
+    seen = []
+    result = run_attack_cell(spec, tmp_path, data=digits, on_epoch_end=lambda e, r: seen.append(e))
+    assert seen == [3]
+    assert read_metadata(result.path)["resumed_from_epoch"] == 2
+    assert not (tmp_path / "work" / "attacks" / spec.name()).exists()  # checkpoint cleaned up once saved

@@ -6,6 +6,8 @@ Backdoor Learning", NeurIPS 2022 Datasets & Benchmarks), as in Liu et al. 2018 (
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, PostTrainingDefense
@@ -20,7 +22,7 @@ class FTConfig(DefenseConfig):
     lr: float = Field(0.01, gt=0)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 @register_defense("ft")
