@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,11 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from bdcore.attacks import build_attack  # noqa: E402
-from bdcore.data import ImageSet, load_dataset  # noqa: E402
-from bdcore.data.base import DatasetInfo  # noqa: E402
-from bdcore.models import build_model  # noqa: E402
-from bdcore.train import TrainConfig, train_model  # noqa: E402
+from bdcore.attacks import build_attack
+from bdcore.data import ImageSet, load_dataset
+from bdcore.data.base import DatasetInfo
+from bdcore.models import build_model
+from bdcore.train import TrainConfig, train_model
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -218,12 +218,14 @@ def main(argv=None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     names = list(pipelines)
     others: list[float] = []  # CPU share other processes took during each timed run
+    shares: dict[str, list[float | None]] = {name: [] for name in pipelines}
     for r in range(args.repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             meter = OtherCpuMeter()
             images, seconds = pipelines[name](full_data[name], args.epochs)
             rates[name].append(images / seconds)
             other = meter.share()
+            shares[name].append(other)
             if other is not None:
                 others.append(other)
 
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     medians = {name: statistics.median(v) for name, v in rates.items()}
     ratios = {f"workers={w}": medians["ours"] / medians[f"backdoorbench_w{w}"] for w in worker_settings}
     report = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "processor": _cpu_name(), "device": args.device,
                     "torch": torch.__version__, "python": platform.python_version(),
                     "other_cpu_use_before": busy_before,
@@ -243,6 +245,7 @@ def main(argv=None) -> int:
                    "threads": args.threads, "repeats": args.repeats, "workers": worker_settings},
         "images_per_second": {name: round(v, 1) for name, v in medians.items()},
         "runs": {name: [round(x, 1) for x in v] for name, v in rates.items()},
+        "other_cpu_share_per_run": shares,
         "ratio_ours_over_backdoorbench": {k: round(v, 2) for k, v in ratios.items()},
     }
     if args.json:
@@ -254,14 +257,12 @@ def main(argv=None) -> int:
           f"{args.device}, median of {c['repeats']}")
     labels = {"ours": "ours (bdcore train_model)"}
     labels.update({f"backdoorbench_w{w}": f"BackdoorBench-style, workers={w}" for w in worker_settings})
-    print(f"{'pipeline':<36}{'images/s':>10}   runs")
+    print(f"{'pipeline':<36}{'images/s':>10}   runs (other processes' CPU share)")
     for name in pipelines:
-        runs = ", ".join(f"{x:.0f}" for x in rates[name])
+        runs = ", ".join(f"{x:.0f}" + (f" ({o:.0%})" if o is not None else "") for x, o in zip(rates[name], shares[name]))
         print(f"{labels[name]:<36}{medians[name]:>10.1f}   [{runs}]")
     for w in worker_settings:
         print(f"ratio (ours / BackdoorBench-style, workers={w}): {ratios[f'workers={w}']:.1f}x")
-    if others:
-        print(f"(other processes' CPU share during timed runs: max {max(others):.0%})")
     return 0
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -47,34 +46,33 @@ class DefenseOutcome:
     diagnostics: dict = field(default_factory=dict)
 
 
-class PostTrainingDefense(ABC):
-    """(backdoored model, clean data) -> repaired model."""
+class _Method(ABC):
+    """What every defense has: a name, a kind, and a typed config with the paper's defaults."""
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "post_training"
+    kind: ClassVar[str] = ""
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
 
     def __init__(self, config: DefenseConfig):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+
+
+class PostTrainingDefense(_Method):
+    """(backdoored model, clean data) -> repaired model."""
+
+    kind: ClassVar[str] = "post_training"
 
     @abstractmethod
     def repair(self, model: nn.Module, clean: DefenderData, ctx: DefenseContext) -> DefenseOutcome:
         ...
 
 
-class TrainingTimeDefense(ABC):
+class TrainingTimeDefense(_Method):
     """Poisoned training set -> model trained so the backdoor does not take hold."""
 
-    name: ClassVar[str] = ""
     kind: ClassVar[str] = "training_time"
-    config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
-
-    def __init__(self, config: DefenseConfig):
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
 
     @abstractmethod
     def train(self, poisoned, ctx: DefenseContext) -> DefenseOutcome:
@@ -82,7 +80,3 @@ class TrainingTimeDefense(ABC):
 
 
 Defense = PostTrainingDefense | TrainingTimeDefense
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
