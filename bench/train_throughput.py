@@ -56,12 +56,28 @@ from bdcore.train import TrainConfig, train_model
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
+class DataPathProbe(nn.Module):
+    """A 'model' with one weight and no compute: training it times the data path alone
+    (batching, poisoning, augmentation, normalisation, loader workers) of either pipeline."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x):
+        return self.bias.expand(x.shape[0], -1) + 0 * x.flatten(1)[:, :1]
+
+
+def make_model(model_name: str, info: DatasetInfo) -> nn.Module:
+    return DataPathProbe(info.num_classes) if model_name == "data-path" else build_model(model_name, info)
+
+
 # -- ours --------------------------------------------------------------------------------------
 def run_ours(model_name: str, info: DatasetInfo, data: ImageSet, epochs: int, batch_size: int,
              device: str, seed: int) -> tuple[int, float]:
     """Train with bdcore's loop; returns (images trained on, seconds)."""
     torch.manual_seed(seed)
-    model = build_model(model_name, info)
+    model = make_model(model_name, info)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=LR, momentum=MOMENTUM,
                          weight_decay=WEIGHT_DECAY, schedule="cosine", augment=True, device=device)
     started = time.perf_counter()
@@ -136,7 +152,7 @@ def run_baseline(model_name: str, info: DatasetInfo, dataset: Dataset, epochs: i
     """BackdoorBench-style training; returns (images trained on, seconds)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = build_model(model_name, info)
+    model = make_model(model_name, info)
     started = time.perf_counter()
     model.to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -166,7 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--model", default="smallcnn", help="smallcnn (default) or preactresnet18, ...")
+    parser.add_argument("--model", default="smallcnn",
+                        help="a registered model (smallcnn, preactresnet18, ...) or data-path: no compute, "
+                             "the data path alone")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2,

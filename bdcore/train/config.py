@@ -35,7 +35,7 @@ class TrainConfig(BaseModel):
     crop_padding: int = Field(4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: bool = True  # mixed precision; CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC memory layout for model and batches
     device: str = "auto"
 
 
