@@ -16,18 +16,17 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The quick cell (until grid sweeps land): badnet at 10% on digits, then ft with the digits-sized
-# settings stated in the README (20% clean data, 30 epochs, batch 64, lr 0.05).
+# The main job: the quick grid (digits + smallcnn, badnet + blended at 2 ratios, none + ft) on a
+# local Ray instance; re-running it resumes and repeats nothing.
 run: install
-	$(VENV)/bin/bdsweep cell --dataset digits --model smallcnn --attack badnet --ratio 0.1 --defense ft \
-	  --defense-param clean_fraction=0.2 --defense-param epochs=30 --defense-param batch_size=64 \
-	  --defense-param lr=0.05 --out runs/quickstart
+	$(VENV)/bin/bdsweep run grids/quickstart.yaml --out runs/quickstart
 
 test: install
 	$(PY) -m pytest -q --durations=10
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/engine_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -79,6 +79,60 @@ def cmd_cell(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from sweep.grid import expand, format_plan, load_grid, plan_summary
+
+    summary = plan_summary(expand(load_grid(args.grid)), args.out)
+    print(json.dumps(summary, indent=2) if args.json else format_plan(summary))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweep.grid import expand, load_grid
+    from sweep.results import format_results, load_results
+    from sweep.runner import RunOptions, run_sweep
+
+    plan = expand(load_grid(args.grid))  # nothing runs on an invalid grid
+    for warning in plan.warnings:
+        print(f"bdsweep: warning: {warning}", file=sys.stderr)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    outcome = run_sweep(plan, RunOptions(
+        out=Path(args.out), address=args.address, mlflow_uri=args.mlflow_uri, max_concurrent=args.max_concurrent,
+        retry_failed=args.retry_failed, device=args.device, progress=not args.quiet,
+    ))
+    table = load_results(outcome.out)
+    table = table[table["sweep"] == plan.name] if len(table) else table
+    print(format_results(table, "table"))
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
+    print(f"\nsweep {plan.name!r}: {plan.total_cells} cells ({counts}); ran {outcome.ran} now, "
+          f"{outcome.already_finished} were already finished")
+    print(f"results (Parquet): {outcome.out / 'results'}   ->  bdsweep results {outcome.out}")
+    print(f"tracking (MLflow): {outcome.mlflow_uri}   ->  mlflow ui --backend-store-uri {outcome.mlflow_uri}")
+    return 1 if outcome.statuses.get("failed") else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from sweep.results import format_results, load_results
+
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: no such output folder")
+    print(format_results(load_results(args.dir), args.format, where=args.where,
+                         pivot=tuple(args.pivot) if args.pivot else None))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweep.results import format_status, status_summary
+
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: no such output folder")
+    print(format_status(status_summary(args.dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdsweep", description="Backdoor attack x defense experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
     cell.add_argument("--train", action="append", metavar="KEY=VALUE", help="training override, e.g. epochs=5")
     cell.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     cell.set_defaults(func=cmd_cell)
+
+    plan = sub.add_parser("plan", help="count a grid's attack and defense cells and what is already done")
+    plan.add_argument("grid")
+    plan.add_argument("--out", default="runs/sweep", help="output folder to check for finished cells")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", help="run (or resume) every unfinished cell of a grid on Ray Tune")
+    run.add_argument("grid")
+    run.add_argument("--out", default="runs/sweep", help="output folder (shared storage on a cluster)")
+    run.add_argument("--address", default=None, help="Ray cluster: auto, ray://host:10001 (default: local Ray)")
+    run.add_argument("--mlflow-uri", default=None, help="tracking server (default: sqlite store in the output folder)")
+    run.add_argument("--max-concurrent", type=int, default=None, help="cells running at once (default: CPUs)")
+    run.add_argument("--retry-failed", action="store_true", help="run failed cells (and the ones they skipped) again")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.set_defaults(func=cmd_run)
+
+    results = sub.add_parser("results", help="print the results table of an output folder")
+    results.add_argument("dir")
+    results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    results.add_argument("--where", default=None, help="pandas query, e.g. \"attack == 'badnet' and ratio >= 0.05\"")
+    results.add_argument("--pivot", nargs=3, metavar=("ROWS", "COLS", "VALUE"), default=None)
+    results.set_defaults(func=cmd_results)
+
+    status = sub.add_parser("status", help="counts of finished / failed / skipped cells, with failures")
+    status.add_argument("dir")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
@@ -113,13 +195,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        from sweep.grid import GridError
+    except ImportError:  # pragma: no cover - only while the grid module is absent
+        GridError = UsageError
+    try:
         return args.func(args)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
         )
         print(f"bdsweep: error: invalid {exc.title}: {problems}", file=sys.stderr)
-    except (UsageError, UnknownNameError, DatasetError, WeightsError, ArtifactError) as exc:
+    except (UsageError, GridError, UnknownNameError, DatasetError, WeightsError, ArtifactError) as exc:
         print(f"bdsweep: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("bdsweep: interrupted; finished cells are saved and will be reused", file=sys.stderr)

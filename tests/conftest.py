@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,23 @@ from bdcore.models import build_model
 from bdcore.train import default_train_config, seed_everything, train_model
 
 torch.set_num_threads(2)
+# Ray >= 2.59 turns on token auth for new local clusters; tests (and their subprocesses) run
+# on loopback only, without it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the whole test session; returns its address so that
+    subprocess drivers can join it instead of starting their own."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,135 @@
+"""Worker side: run one cell through bdcore and leave its marker.
+
+A cell's marker (DIR/cells/<cell_id>.json, written atomically) holds its result row, its training
+history and parameters; it is the single source of truth that the driver turns into Parquet rows
+and MLflow runs, so a driver killed at any point loses nothing a worker finished.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+from sweep.layout import SweepLayout
+
+ATTACK_FAILED = "attack cell failed"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def base_row(cell: dict, sweep: str) -> dict[str, Any]:
+    spec = cell["spec"]
+    return {
+        "cell_id": cell["cell_id"],
+        "attack_cell_id": cell["attack_cell_id"],
+        "sweep": sweep,
+        "stage": cell["kind"],
+        "dataset": spec["dataset"],
+        "model": spec["model"],
+        "attack": spec["attack"],
+        "ratio": float(spec["ratio"]),
+        "label_mode": spec["label_mode"],
+        "target": int(spec["target"]),
+        "seed": int(spec["seed"]),
+        "defense": cell.get("label", "none"),
+        "acc": None, "asr": None, "ra": None, "der": None, "rir": None,
+        "status": "failed",
+        "error": None,
+        "wall_s": 0.0,
+        "started_at": now_iso(),
+        "finished_at": None,
+        "artifact": None,
+        "attack_params": json.dumps(spec.get("attack_params", {}), sort_keys=True),
+        "defense_params": json.dumps(cell.get("defense", {}).get("params", {}), sort_keys=True) if cell["kind"] == "defense" else None,
+        "diagnostics": None,
+        "attempts": 0,
+    }
+
+
+def skipped_marker(cell: dict, sweep: str, reason: str) -> dict:
+    row = base_row(cell, sweep)
+    row.update(status="skipped", error=reason, finished_at=now_iso())
+    return {"row": row, "history": [], "traceback": None}
+
+
+def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
+    """Run an attack or defense cell (retrying up to cell['retries'] times) and write its marker.
+    Returns the marker. A cell that already has a done/skipped marker is not run again."""
+    layout = SweepLayout(out_dir)
+    existing = layout.read_marker(cell["cell_id"])
+    if existing is not None and existing["row"]["status"] in ("done", "skipped"):
+        return existing
+    if cell["kind"] == "defense":
+        attack_marker = layout.read_marker(cell["attack_cell_id"])
+        if attack_marker is None or attack_marker["row"]["status"] != "done":
+            marker = skipped_marker(cell, sweep, ATTACK_FAILED)
+            layout.write_marker(cell["cell_id"], marker)
+            return marker
+
+    row = base_row(cell, sweep)
+    started = time.perf_counter()
+    history: list[dict] = []
+    tb = None
+    for attempt in range(1, int(cell.get("retries", 0)) + 2):
+        row["attempts"] = attempt
+        try:
+            history = []
+            _run_once(cell, out_dir, device, row, history)
+            tb = None
+            break
+        except Exception as exc:  # recorded, retried, then reported as failed: the sweep goes on
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            tb = traceback.format_exc()
+    row["wall_s"] = time.perf_counter() - started
+    row["finished_at"] = now_iso()
+    marker = {"row": row, "history": history, "traceback": tb}
+    layout.write_marker(cell["cell_id"], marker)
+    return marker
+
+
+def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -> None:
+    from bdcore.cells import AttackCellSpec, DefenseCellSpec, attack_cell_dir, run_attack_cell, run_defense_cell
+
+    spec = AttackCellSpec(**cell["spec"])
+
+    def record(epoch: int, metrics: dict) -> None:
+        history.append({"epoch": epoch, **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+    layout = SweepLayout(out_dir)
+    if cell["kind"] == "attack":
+        result = run_attack_cell(spec, out_dir, device=device, on_epoch_end=record)
+        if result.reused and result.history:
+            history.extend(result.history)
+        else:
+            layout.log_execution(cell["cell_id"], "attack_trained")
+        m = result.metrics
+        row.update(acc=m.acc, asr=m.asr, ra=m.ra, status="done", error=None, artifact=str(result.path))
+        return
+    defense = DefenseCellSpec(**cell["defense"])
+    result = run_defense_cell(attack_cell_dir(out_dir, spec), defense, out_dir, device=device, on_epoch_end=record)
+    if not result.reused:
+        layout.log_execution(cell["cell_id"], "defense_ran")
+    if result.status == "skipped":
+        row.update(status="skipped", error=result.reason)
+        return
+    m = result.metrics
+    row.update(acc=m.acc, asr=m.asr, ra=m.ra, der=result.scores["der"], rir=result.scores["rir"], status="done",
+               error=None, artifact=str(result.path), diagnostics=json.dumps(result.diagnostics, sort_keys=True, default=str))
+
+
+def noop_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
+    """An executor that computes nothing but leaves a real marker: it measures the engine's own
+    per-cell overhead (planning, Tune, markers, Parquet, MLflow) in bench/engine_overhead.py."""
+    layout = SweepLayout(out_dir)
+    row = base_row(cell, sweep)
+    row.update(status="done", acc=1.0, asr=0.0, ra=1.0, attempts=1, finished_at=now_iso())
+    if cell["kind"] == "defense":
+        row.update(der=0.5, rir=0.5)
+    layout.log_execution(cell["cell_id"], f"{cell['kind']}_noop")
+    marker = {"row": row, "history": [], "traceback": None}
+    layout.write_marker(cell["cell_id"], marker)
+    return marker

@@ -1,0 +1,116 @@
+"""The output folder of a sweep, and the per-cell markers that make it crash-proof.
+
+  DIR/sweep.json                      sweep name, MLflow parent run id, grid copy
+  DIR/attacks/..., DIR/defenses/...   bdcore artifacts (see bdcore.cells)
+  DIR/cells/<cell_id>.json            one marker per finished cell: status done | failed | skipped,
+                                      and its full result row; written atomically by the worker
+  DIR/results/rows/*.parquet          one-row Parquet files, written atomically
+  DIR/results/data/*.parquet          compacted Parquet dataset
+  DIR/mlflow.db                       embedded MLflow tracking store (sqlite)
+
+A cell is finished exactly when its marker exists with status "done" (or "skipped"); Tune's own
+experiment snapshot is never trusted for that.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from bdcore.atomic import atomic_write_json
+
+# Columns of the results table, in order (sweep.results writes and reads these).
+ROW_COLUMNS: list[str] = [
+    "cell_id", "attack_cell_id", "sweep", "stage", "dataset", "model", "attack", "ratio", "label_mode",
+    "target", "seed", "defense", "acc", "asr", "ra", "der", "rir", "status", "error", "wall_s",
+    "started_at", "finished_at", "artifact", "attack_params", "defense_params", "diagnostics", "attempts",
+]
+
+
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside Ray, or an older API: the audit line just lacks the node
+        return None
+
+
+class SweepLayout:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @property
+    def cells(self) -> Path:
+        return self.root / "cells"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "results" / "rows"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "results" / "data"
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.root / "sweep.json"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def executions(self) -> Path:
+        return self.root / "executions.jsonl"
+
+    def log_execution(self, cell_id: str, event: str) -> None:
+        """Append one line per real computation (an audit trail: a finished cell never reruns)."""
+        import time
+
+        entry = {"cell_id": cell_id, "event": event, "pid": os.getpid(), "node": _ray_node_id(), "time": time.time()}
+        line = json.dumps(entry) + "\n"
+        fd = os.open(self.executions, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())  # one short O_APPEND write: lines never interleave
+        finally:
+            os.close(fd)
+
+    def execution_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        if self.executions.is_file():
+            for line in self.executions.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                key = (entry["cell_id"], entry["event"])
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def marker(self, cell_id: str) -> Path:
+        return self.cells / f"{cell_id}.json"
+
+    def read_marker(self, cell_id: str) -> dict | None:
+        """The marker of a cell, or None when it has none (or an unreadable one: it reruns)."""
+        try:
+            return json.loads(self.marker(cell_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_marker(self, cell_id: str, marker: dict) -> None:
+        atomic_write_json(self.marker(cell_id), marker)
+
+    def markers(self) -> Iterator[dict]:
+        if not self.cells.is_dir():
+            return
+        for path in sorted(self.cells.glob("*.json")):
+            try:
+                yield json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+
+    def finished_ids(self) -> dict[str, str]:
+        """cell_id -> status for every cell with a readable marker."""
+        return {m["row"]["cell_id"]: m["row"]["status"] for m in self.markers() if "row" in m}

@@ -1,0 +1,374 @@
+"""The driver: run a planned grid as Ray Tune trials, with no barrier between stages.
+
+A custom Tune Searcher hands out attack cells, and releases each attack's defense cells the
+moment that attack finishes. Finished cells are known from their own atomic markers (never from
+Tune's snapshot), so a re-run after a crash or Ctrl-C only runs what is missing. The driver alone
+turns markers into Parquet rows and MLflow runs; large grids run as several Tuner shards so the
+driver's memory stays bounded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.search import Searcher
+
+from sweep.execute import ATTACK_FAILED, skipped_marker
+from sweep.layout import SweepLayout
+
+log = logging.getLogger("bdsweep")
+
+
+DEFAULT_EXECUTOR = "sweep.execute:run_cell"
+
+
+def resolve_executor(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cell_trainable(config: dict) -> None:
+    """The Tune function trainable: one cell, its marker written before it reports."""
+    execute = resolve_executor(config.get("executor", DEFAULT_EXECUTOR))
+    marker = execute(config["cell"], config["out"], config["sweep"], config.get("device", "auto"))
+    tune.report({"cell_status": marker["row"]["status"]})
+
+
+def cell_resources(config: dict) -> tune.PlacementGroupFactory:
+    res = config["cell"]["resources"]
+    bundle = {"CPU": float(res["cpu"])}
+    if res["gpu"]:
+        bundle["GPU"] = float(res["gpu"])
+    return tune.PlacementGroupFactory([bundle])
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    address: str | None = None
+    mlflow_uri: str | None = None
+    max_concurrent: int | None = None
+    retry_failed: bool = False
+    device: str = "auto"
+    shard_size: int = 2000  # cells per Tuner run: Tune's driver memory grows with its trials
+    progress: bool = True
+    executor: str = DEFAULT_EXECUTOR  # "module:function" running one cell (benchmarks swap in a no-op)
+
+
+def cell_payload(cell, kind: str, attack_spec=None) -> dict[str, Any]:
+    """A planned cell as the plain dict a trial's config carries (a defense cell carries its
+    attack cell's spec too: it names the artifact to repair)."""
+    payload = {
+        "kind": kind,
+        "cell_id": cell.cell_id,
+        "attack_cell_id": cell.cell_id if kind == "attack" else cell.attack_cell_id,
+        "retries": cell.retries,
+        "resources": {"cpu": cell.resources.cpu, "gpu": cell.resources.gpu},
+    }
+    if kind == "attack":
+        payload["spec"] = cell.spec.model_dump()
+    else:
+        payload["spec"] = attack_spec.model_dump()
+        payload["label"] = cell.label
+        payload["defense"] = cell.spec.model_dump()
+    return payload
+
+
+class Progress:
+    """One status line: cells done / running / failed / skipped / total, and an ETA."""
+
+    def __init__(self, total: int, already: int, enabled: bool):
+        self.total, self.already, self.enabled = total, already, enabled
+        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self.running = 0
+        self.started = time.monotonic()
+        self.last_print = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def finished(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        self.show()
+
+    def show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not (force or self.tty or now - self.last_print >= 5):
+            return
+        self.last_print = now
+        new = sum(self.counts.values())
+        finished = self.already + new
+        remaining = self.total - finished
+        eta = "-" if not new else _duration((now - self.started) / new * remaining)
+        line = (f"[bdsweep] {finished}/{self.total} cells finished ({self.counts['done']} done now, "
+                f"{self.counts['failed']} failed, {self.counts['skipped']} skipped), {self.running} running, "
+                f"elapsed {_duration(now - self.started)}, ETA {eta}")
+        print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.show(force=True)
+            if self.tty:
+                print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Bookkeeper:
+    """Driver-side effects of a finished cell: Parquet row, MLflow run, progress."""
+
+    def __init__(self, layout: SweepLayout, tracker, progress: Progress):
+        self.layout, self.tracker, self.progress = layout, tracker, progress
+
+    def record(self, marker: dict) -> None:
+        from sweep.results import write_row
+
+        write_row(self.layout.root, marker["row"])
+        self.tracker.log_cell(marker)
+        self.progress.finished(marker["row"]["status"])
+
+
+class CellSearcher(Searcher):
+    """Hands out attack cells, then each attack's defense cells as soon as the attack is done."""
+
+    def __init__(self, ready: list[dict], waiting: dict[str, list[dict]], common: dict, books: Bookkeeper,
+                 max_concurrent: int):
+        super().__init__()
+        self.ready = deque(ready)
+        self.waiting = waiting
+        self.common = common
+        self.books = books
+        self.max_concurrent = max_concurrent
+        self.in_flight: dict[str, dict] = {}
+
+    # Tune snapshots searcher state periodically; resuming comes from our markers instead.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+    def suggest(self, trial_id: str):
+        if self.ready and len(self.in_flight) < self.max_concurrent:
+            cell = self.ready.popleft()
+            self.in_flight[trial_id] = cell
+            self.books.progress.running = len(self.in_flight)
+            return {"cell": cell, **self.common}
+        if self.ready or self.in_flight:
+            return None  # nothing to hand out until a running cell finishes
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        cell = self.in_flight.pop(trial_id, None)
+        self.books.progress.running = len(self.in_flight)
+        if cell is None:
+            return
+        layout = self.books.layout
+        marker = layout.read_marker(cell["cell_id"])
+        if marker is None:  # the worker died before writing anything (after Tune's own retries)
+            from sweep.execute import base_row, now_iso
+
+            row = base_row(cell, self.common["sweep"])
+            row.update(status="failed", error="the worker running this cell died (see Ray logs)", finished_at=now_iso())
+            marker = {"row": row, "history": [], "traceback": None}
+            layout.write_marker(cell["cell_id"], marker)
+        self.books.record(marker)
+        if cell["kind"] == "attack":
+            defenses = self.waiting.pop(cell["cell_id"], [])
+            if marker["row"]["status"] == "done":
+                # Defense cells first in line: the attack's pipeline drains before new attacks start.
+                self.ready.extendleft(reversed(defenses))
+            else:
+                for defense in defenses:
+                    skipped = skipped_marker(defense, self.common["sweep"], ATTACK_FAILED)
+                    layout.write_marker(defense["cell_id"], skipped)
+                    self.books.record(skipped)
+
+
+@dataclass
+class SweepOutcome:
+    out: Path
+    mlflow_uri: str
+    ran: int = 0
+    already_finished: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def _is_final(marker: dict | None, retry_failed: bool) -> bool:
+    if marker is None:
+        return False
+    row = marker["row"]
+    if not retry_failed:
+        return True
+    return row["status"] == "done" or (row["status"] == "skipped" and row.get("error") != ATTACK_FAILED)
+
+
+def reconcile(layout: SweepLayout, tracker, markers: dict[str, dict]) -> int:
+    """Give every marker its Parquet row and MLflow run (a driver killed between a worker's
+    marker and its own bookkeeping left them out). Returns how many were repaired."""
+    from sweep.results import load_results, write_row
+
+    existing = load_results(layout.root)
+    have_rows = set(existing["cell_id"]) if len(existing) else set()
+    statuses = dict(zip(existing["cell_id"], existing["status"])) if len(existing) else {}
+    repaired = 0
+    for cell_id, marker in markers.items():
+        if cell_id not in have_rows or statuses.get(cell_id) != marker["row"]["status"]:
+            write_row(layout.root, marker["row"])
+            repaired += 1
+        if not tracker.is_tracked(cell_id):
+            tracker.log_cell(marker)
+            repaired += 1
+    return repaired
+
+
+def _init_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (and should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": logging.WARNING}
+    ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+    return True
+
+
+def run_sweep(plan, options: RunOptions) -> SweepOutcome:
+    """Run every unfinished cell of `plan` into `options.out`; see the module docstring."""
+    from sweep.results import compact
+    from sweep.tracking import Tracker, default_uri
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    out = Path(options.out).resolve()
+    layout = SweepLayout(out)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = options.mlflow_uri or default_uri(out)
+    tracker = Tracker(uri, plan.name, out)  # creates the sqlite store before any worker exists
+
+    all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses}
+    markers = {m["row"]["cell_id"]: m for m in layout.markers() if m.get("row", {}).get("cell_id") in all_ids}
+    reconcile(layout, tracker, markers)
+    final = {cid for cid, m in markers.items() if _is_final(m, options.retry_failed)}
+
+    attacks_todo, defenses_ready, waiting = [], [], {}
+    for attack in plan.attacks:
+        if attack.cell_id not in final:
+            attacks_todo.append(cell_payload(attack, "attack"))
+    attack_state = {a.cell_id: markers.get(a.cell_id) for a in plan.attacks}
+    attack_specs = {a.cell_id: a.spec for a in plan.attacks}
+    for defense in plan.defenses:
+        if defense.cell_id in final:
+            continue
+        payload = cell_payload(defense, "defense", attack_specs[defense.attack_cell_id])
+        attack_marker = attack_state.get(defense.attack_cell_id)
+        if defense.attack_cell_id in final and attack_marker["row"]["status"] == "done":
+            defenses_ready.append(payload)
+        else:
+            waiting.setdefault(defense.attack_cell_id, []).append(payload)
+    # Attacks already failed for good: their defense cells are skipped, not left pending.
+    for attack_id in list(waiting):
+        if attack_id in final:
+            for defense in waiting.pop(attack_id):
+                marker = skipped_marker(defense, plan.name, ATTACK_FAILED)
+                layout.write_marker(defense["cell_id"], marker)
+                reconcile(layout, tracker, {defense["cell_id"]: marker})
+
+    todo = len(attacks_todo) + len(defenses_ready) + sum(len(v) for v in waiting.values())
+    outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - todo)
+    progress = Progress(plan.total_cells, outcome.already_finished, options.progress)
+    books = Bookkeeper(layout, tracker, progress)
+    if todo:
+        started_ray = _init_ray(options.address)
+        try:
+            import ray
+
+            capacity = int(ray.cluster_resources().get("CPU", 1))
+            max_concurrent = options.max_concurrent or max(1, capacity)
+            os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_concurrent)
+            for shard_ready, shard_waiting, size in _shards(attacks_todo, defenses_ready, waiting, options.shard_size):
+                _run_shard(plan.name, shard_ready, shard_waiting, size, out, options, books, max_concurrent)
+            outcome.ran = todo
+        finally:
+            progress.close()
+            compact(out)
+            if started_ray:
+                ray.shutdown()
+    tracker.finish()
+    outcome.statuses = {}
+    for m in layout.markers():
+        if m.get("row", {}).get("cell_id") in all_ids:
+            status = m["row"]["status"]
+            outcome.statuses[status] = outcome.statuses.get(status, 0) + 1
+    return outcome
+
+
+def _shards(attacks_todo: list[dict], defenses_ready: list[dict], waiting: dict[str, list[dict]], shard_size: int):
+    """Split the work into Tuner runs of at most ~shard_size cells; an attack and its defense
+    cells always stay in the same shard."""
+    groups: list[tuple[list[dict], dict[str, list[dict]]]] = []
+    for start in range(0, len(defenses_ready), shard_size):
+        groups.append((defenses_ready[start:start + shard_size], {}))
+    current: list[dict] = []
+    current_waiting: dict[str, list[dict]] = {}
+    size = 0
+    for attack in attacks_todo:
+        deps = waiting.get(attack["cell_id"], [])
+        if current and size + 1 + len(deps) > shard_size:
+            groups.append((current, current_waiting))
+            current, current_waiting, size = [], {}, 0
+        current.append(attack)
+        if deps:
+            current_waiting[attack["cell_id"]] = deps
+        size += 1 + len(deps)
+    if current:
+        groups.append((current, current_waiting))
+    for ready, shard_waiting in groups:
+        yield ready, shard_waiting, len(ready) + sum(len(v) for v in shard_waiting.values())
+
+
+def _trial_name(trial) -> str:
+    cell = trial.config["cell"]
+    return f"{cell['kind']}-{cell['cell_id']}-{trial.trial_id}"
+
+
+def _quiet_tune_logs() -> None:
+    # Results live in our own store, so Tune's complaint that it has no result.json to read back
+    # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS) is noise.
+    for name in ("ray.tune.analysis.experiment_analysis", "ray.tune.search.searcher", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_shard(name: str, ready: list[dict], waiting: dict[str, list[dict]], size: int, out: Path,
+               options: RunOptions, books: Bookkeeper, max_concurrent: int) -> None:
+    _quiet_tune_logs()
+    common = {"out": str(out), "sweep": name, "device": options.device, "executor": options.executor}
+    searcher = CellSearcher(ready, waiting, common, books, max_concurrent)
+    trainable = tune.with_resources(cell_trainable, cell_resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=size, reuse_actors=True,
+                                    max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=str(out / "tune"),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),  # a crashed worker process is retried once
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    tuner.fit()

@@ -1,0 +1,102 @@
+"""MLflow tracking, done by the driver alone: one parent run per sweep, one child run per cell.
+
+Only the driver writes, so the embedded sqlite store never sees concurrent writers, and it is
+created once before any worker starts. Every child run carries the tag `cell_id`; runs already
+present are found by that tag, so re-running a sweep never duplicates a run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+PARENT_TAG = "bdsweep.parent"
+
+
+def default_uri(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    def __init__(self, uri: str, sweep: str, out_dir: str | Path):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(sweep)
+        if experiment is None:
+            artifacts = (Path(out_dir).resolve() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(sweep, artifact_location=artifacts)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.runs = self._existing_runs()
+        self.parent_id = self.runs.pop(PARENT_TAG, None) or self.client.create_run(
+            self.experiment_id, run_name=sweep, tags={"cell_id": PARENT_TAG, "bdsweep.kind": "sweep"}).info.run_id
+
+    def _existing_runs(self) -> dict[str, str]:
+        """cell_id -> run_id of every run of this sweep's experiment."""
+        found: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=5000, page_token=token)
+            for run in page:
+                cell_id = run.data.tags.get("cell_id")
+                if cell_id:
+                    found.setdefault(cell_id, run.info.run_id)
+            token = page.token
+            if not token:
+                return found
+
+    def is_tracked(self, cell_id: str) -> bool:
+        return cell_id in self.runs
+
+    def log_cell(self, marker: dict) -> str:
+        """Log (or update) the child run of a finished cell from its marker."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        row = marker["row"]
+        cell_id = row["cell_id"]
+        run_id = self.runs.get(cell_id)
+        if run_id is None:
+            run_name = f"{row['stage']}:{row['attack']}-{row['defense']}-r{row['ratio']:g}-s{row['seed']}"
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name,
+                                            tags={"mlflow.parentRunId": self.parent_id, "cell_id": cell_id}).info.run_id
+            self.runs[cell_id] = run_id
+        tags = {k: str(row[k]) for k in ("stage", "dataset", "model", "attack", "defense", "label_mode", "status",
+                                          "attack_cell_id") if row.get(k) is not None}
+        if row.get("error"):
+            tags["error"] = str(row["error"])[:5000]
+        params = {k: str(row[k]) for k in ("ratio", "seed", "target", "attack_params", "defense_params")
+                  if row.get(k) is not None}
+        existing = self.client.get_run(run_id).data.params
+        params = {k: v[:6000] for k, v in params.items() if k not in existing}  # params are write-once
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(k, float(row[k]), timestamp, 0) for k in ("acc", "asr", "ra", "der", "rir", "wall_s")
+                   if _is_number(row.get(k))]
+        for record in marker.get("history", []):
+            step = int(record.get("epoch", 0))
+            metrics += [Metric(f"epoch_{k}", float(v), timestamp, step) for k, v in record.items()
+                        if k != "epoch" and _is_number(v)]
+        for start in range(0, max(len(metrics), 1), 900):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 900],
+                                  params=[Param(k, v) for k, v in params.items()] if start == 0 else [],
+                                  tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [])
+        self.client.set_terminated(run_id, status="FINISHED" if row["status"] != "failed" else "FAILED")
+        return run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
