@@ -57,7 +57,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(n: int, out: Path, concurrency: int, shard_size: int) -> tuple[float, int, float, float]:
+SAMPLES: list[float] = []
+
+
+def sample_rss_forever() -> None:
+    while True:
+        SAMPLES.append(rss_mb())
+        time.sleep(1)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_engine(n: int, out: Path, concurrency: int, shard_size: int,
+               mlflow_uri: str | None = None) -> tuple[float, int, float, float]:
     from sweep.grid import expand, parse_grid
     from sweep.runner import RunOptions, run_sweep
 
@@ -65,7 +79,7 @@ def run_engine(n: int, out: Path, concurrency: int, shard_size: int) -> tuple[fl
     plan = expand(parse_grid(noop_grid(n)))
     rss_before = rss_mb()
     run_sweep(plan, RunOptions(out=out, max_concurrent=concurrency, progress=False, shard_size=shard_size,
-                               executor="sweep.execute:noop_cell"))
+                               executor="sweep.execute:noop_cell", mlflow_uri=mlflow_uri))
     return time.perf_counter() - started, plan.total_cells, rss_before, rss_mb()
 
 
@@ -80,29 +94,53 @@ def main(argv=None) -> int:
     import ray
 
     ray.init(num_cpus=args.concurrency, log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING)
+    import threading
+
+    threading.Thread(target=sample_rss_forever, daemon=True).start()
+    n = max(2, args.cells // 2) * 2
+    # Two sizes: the slope is the per-cell cost, free of fixed start-up costs. --skip-bare (the
+    # large memory run) runs the engine once, at full size.
+    sizes = [n] if args.skip_bare else [n // 2, n]
+    seconds: dict[str, list[float]] = {}
+    rss: tuple[float, float] = (0.0, 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        engine_s, cells, rss_before, rss_after = run_engine(args.cells, tmp / "engine", args.concurrency,
-                                                            args.shard_size)
-        bare_s = None if args.skip_bare else run_bare(cells, tmp / "bare", args.concurrency)
+        run_engine(2, tmp / "warm", args.concurrency, args.shard_size, "none")  # imports, worker start
+        for size in sizes:
+            if not args.skip_bare:
+                seconds.setdefault("bare Tune", []).append(run_bare(size, tmp / f"bare{size}", args.concurrency))
+                seconds.setdefault("engine, --mlflow-uri none", []).append(
+                    run_engine(size, tmp / f"untracked{size}", args.concurrency, args.shard_size, "none")[0])
+            elapsed, _, before, after = run_engine(size, tmp / f"engine{size}", args.concurrency, args.shard_size)
+            seconds.setdefault("whole engine (MLflow sqlite)", []).append(elapsed)
+            rss = (before, after)
     ray.shutdown()
+    if len(sizes) == 1:
+        total = seconds["whole engine (MLflow sqlite)"][0]
+        print(f"whole engine: {sizes[0]} no-op cells in {total:.1f} s ({1000 * total / sizes[0]:.1f} ms/cell); "
+              f"driver RSS {rss[0]:.0f} MB before, {rss[1]:.0f} MB after, peak {peak_rss_mb():.0f} MB")
+        print("driver RSS over the run (MB, every 30 s): " + " ".join(f"{x:.0f}" for x in SAMPLES[::30]))
+        return 0
+    per_cell = {k: 1000 * (v[1] - v[0]) / (sizes[1] - sizes[0]) for k, v in seconds.items()}
     report = {
-        "cells": cells, "concurrency": args.concurrency,
-        "engine_s": round(engine_s, 2), "engine_ms_per_cell": round(1000 * engine_s / cells, 2),
-        "bare_tune_s": None if bare_s is None else round(bare_s, 2),
-        "bare_ms_per_cell": None if bare_s is None else round(1000 * bare_s / cells, 2),
-        "ratio_engine_over_bare": None if bare_s is None else round(engine_s / bare_s, 2),
-        "driver_rss_mb_before_run": round(rss_before, 1), "driver_rss_mb_after_run": round(rss_after, 1),
+        "cells": sizes, "concurrency": args.concurrency,
+        "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+        "marginal_ms_per_cell": {k: round(v, 2) for k, v in per_cell.items()},
+        "driver_rss_mb": {"before_last_run": round(rss[0], 1), "after_last_run": round(rss[1], 1)},
     }
+    if "bare Tune" in per_cell:
+        report["ratio_over_bare_tune"] = {k: round(v / per_cell["bare Tune"], 2) for k, v in per_cell.items()}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"engine overhead: {cells} no-op cells, {args.concurrency} concurrent, one process, one Ray instance")
-    print(f"  whole engine : {engine_s:8.2f} s  ({report['engine_ms_per_cell']} ms/cell)")
-    if bare_s is not None:
-        print(f"  bare Tune    : {bare_s:8.2f} s  ({report['bare_ms_per_cell']} ms/cell, reuse_actors)")
-        print(f"  ratio (engine / bare Tune): {engine_s / bare_s:.2f}x")
-    print(f"  driver RSS: {rss_before:.0f} MB before the run, {rss_after:.0f} MB after")
+    print(f"engine overhead: no-op cells, {args.concurrency} concurrent, one process, one Ray instance")
+    print(f"{'pipeline':<32}{'s @' + str(sizes[0]):>10}{'s @' + str(sizes[1]):>10}{'ms/cell':>10}{'ratio':>8}")
+    for name, values in seconds.items():
+        ratio = report.get("ratio_over_bare_tune", {}).get(name)
+        print(f"{name:<32}{values[0]:>10.2f}{values[1]:>10.2f}{per_cell[name]:>10.1f}"
+              f"{'' if ratio is None else f'{ratio:.2f}x':>8}")
+    print("ms/cell = (time at the larger size - time at the smaller) / extra cells: fixed start-up costs excluded")
+    print(f"driver RSS: {rss[0]:.0f} MB before the last engine run, {rss[1]:.0f} MB after")
     return 0
 
 

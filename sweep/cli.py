@@ -110,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nsweep {plan.name!r}: {plan.total_cells} cells ({counts}); ran {outcome.ran} now, "
           f"{outcome.already_finished} were already finished")
     print(f"results (Parquet): {outcome.out / 'results'}   ->  bdsweep results {outcome.out}")
-    print(f"tracking (MLflow): {outcome.mlflow_uri}   ->  mlflow ui --backend-store-uri {outcome.mlflow_uri}")
+    if outcome.mlflow_uri != "none":
+        print(f"tracking (MLflow): {outcome.mlflow_uri}   ->  mlflow ui --backend-store-uri {outcome.mlflow_uri}")
     return 1 if outcome.statuses.get("failed") else 0
 
 
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("grid")
     run.add_argument("--out", default="runs/sweep", help="output folder (shared storage on a cluster)")
     run.add_argument("--address", default=None, help="Ray cluster: auto, ray://host:10001 (default: local Ray)")
-    run.add_argument("--mlflow-uri", default=None, help="tracking server (default: sqlite store in the output folder)")
+    run.add_argument("--mlflow-uri", default=None, help="tracking server URI, or none (default: sqlite store in the output folder)")
     run.add_argument("--max-concurrent", type=int, default=None, help="cells running at once (default: CPUs)")
     run.add_argument("--retry-failed", action="store_true", help="run failed cells (and the ones they skipped) again")
     run.add_argument("--device", default="auto")

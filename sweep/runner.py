@@ -127,17 +127,42 @@ def _duration(seconds: float) -> str:
 
 
 class Bookkeeper:
-    """Driver-side effects of a finished cell: Parquet row, MLflow run, progress."""
+    """Driver-side effects of a finished cell: Parquet row and MLflow run, written by one
+    background thread so that Tune's event loop never waits on sqlite or Parquet I/O (and sqlite
+    keeps a single writer). Markers are already on disk, so a crash before the queue drains only
+    leaves work that `reconcile` redoes at the next start."""
 
     def __init__(self, layout: SweepLayout, tracker, progress: Progress):
+        import queue
+        import threading
+
         self.layout, self.tracker, self.progress = layout, tracker, progress
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="bdsweep-bookkeeper", daemon=True)
+        self.thread.start()
 
     def record(self, marker: dict) -> None:
+        self.progress.finished(marker["row"]["status"])
+        self.queue.put(marker)
+
+    def _drain(self) -> None:
         from sweep.results import write_row
 
-        write_row(self.layout.root, marker["row"])
-        self.tracker.log_cell(marker)
-        self.progress.finished(marker["row"]["status"])
+        while True:
+            marker = self.queue.get()
+            if marker is None:
+                return
+            try:
+                write_row(self.layout.root, marker["row"])
+                self.tracker.log_cell(marker)
+            except BaseException as exc:  # reported at close(); reconcile repairs it on the next run
+                self.error = exc
+                log.warning("bookkeeping of cell %s failed: %s", marker["row"]["cell_id"], exc)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 class CellSearcher(Searcher):
@@ -153,7 +178,11 @@ class CellSearcher(Searcher):
         self.max_concurrent = max_concurrent
         self.in_flight: dict[str, dict] = {}
 
-    # Tune snapshots searcher state periodically; resuming comes from our markers instead.
+    # Tune snapshots the searcher (pickled into its experiment folder) but this engine resumes
+    # from its own markers and never reads that back: leave the driver-only parts out.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "books"}
+
     def save(self, checkpoint_path: str) -> None:
         pass
 
@@ -249,7 +278,7 @@ def _init_ray(address: str | None) -> bool:
 def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     """Run every unfinished cell of `plan` into `options.out`; see the module docstring."""
     from sweep.results import compact
-    from sweep.tracking import Tracker, default_uri
+    from sweep.tracking import default_uri, make_tracker
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -257,7 +286,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     layout = SweepLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     uri = options.mlflow_uri or default_uri(out)
-    tracker = Tracker(uri, plan.name, out)  # creates the sqlite store before any worker exists
+    tracker = make_tracker(uri, plan.name, out)  # creates the sqlite store before any worker exists
 
     all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses}
     markers = {m["row"]["cell_id"]: m for m in layout.markers() if m.get("row", {}).get("cell_id") in all_ids}
@@ -291,7 +320,9 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - todo)
     progress = Progress(plan.total_cells, outcome.already_finished, options.progress)
     books = Bookkeeper(layout, tracker, progress)
-    if todo:
+    if not todo:
+        books.close()
+    else:
         started_ray = _init_ray(options.address)
         try:
             import ray
@@ -304,6 +335,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             outcome.ran = todo
         finally:
             progress.close()
+            books.close()
             compact(out)
             if started_ray:
                 ray.shutdown()
