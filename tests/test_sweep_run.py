@@ -89,6 +89,13 @@ def test_grid_runs_fails_cleanly_and_resumes_without_repeating(tmp_path, ray_add
     assert again.ran == 0 and SweepLayout(out).execution_counts() == counts
     check_complete(out, plan)
 
+    # --retry-failed runs the failed attack (and the defense it skipped) again, and nothing else;
+    # MLflow still has one run per cell.
+    retried = run_sweep(plan, RunOptions(out=out, progress=False, retry_failed=True))
+    assert retried.ran == 2 and SweepLayout(out).execution_counts() == counts
+    assert SweepLayout(out).read_marker(broken.cell_id)["row"]["finished_at"] > rows.loc[broken.cell_id, "finished_at"].isoformat()
+    check_complete(out, plan)
+
     # Edit the grid: a new ratio runs only its new cells.
     bigger = expand(parse_grid(grid_text(ratios="[0.1, 0.05]", broken=True)))
     run_sweep(bigger, RunOptions(out=out, progress=False))
