@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -37,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -62,5 +62,5 @@ def atomic_replace_dir(staging: Path, final: Path) -> Path:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final

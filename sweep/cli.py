@@ -194,11 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bdcore.models import WeightsError
     from bdcore.registry import UnknownNameError
 
+    from sweep.grid import GridError
+
     args = build_parser().parse_args(argv)
-    try:
-        from sweep.grid import GridError
-    except ImportError:  # pragma: no cover - only while the grid module is absent
-        GridError = UsageError
     try:
         return args.func(args)
     except ValidationError as exc:

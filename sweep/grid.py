@@ -51,8 +51,7 @@ from pydantic import (
 import bdcore
 from bdcore.attacks.registry import ATTACKS, attack_names
 from bdcore.cells import AttackCellSpec, DefenseCellSpec
-from bdcore.data.base import resolve_root
-from bdcore.data.registry import dataset_names
+from bdcore.data.registry import dataset_names, dataset_root
 from bdcore.defenses.registry import DEFENSES, defense_names
 from bdcore.models.registry import model_names
 from bdcore.train.config import TrainConfig, default_train_config
@@ -63,7 +62,6 @@ NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 ATTACK_AXIS_PARAMS = {"ratio": "ratios", "target": "targets", "label_mode": "label_modes", "seed": "seeds"}
 DEFENSE_AXIS_PARAMS = {"seed": "seeds"}
 # The folder each loader reads below $BDCORE_DATA_ROOT (bdcore's loaders own these; see bdcore.data.loaders).
-DEFAULT_SUBDIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "tiny": "tiny-imagenet-200"}
 FINGERPRINT_MAX_ENTRIES = 10_000
 # digits ships inside scikit-learn (1,797 8x8 images); importing sklearn to re-read its shape costs
 # more than a second per plan, and the data has not changed in a decade.
@@ -565,7 +563,7 @@ class _Composer:
 
 def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
     """Where bdcore's loader of `name` reads from."""
-    return resolve_root(name, root, DEFAULT_SUBDIRS.get(name, name))
+    return dataset_root(name, root)
 
 
 def dataset_fingerprint(name: str, root: str | os.PathLike | None = None) -> str:

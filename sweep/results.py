@@ -34,6 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bdcore.atomic import fsync_dir
+
 from sweep.layout import ROW_COLUMNS, SweepLayout
 
 __all__ = [
@@ -97,19 +99,6 @@ def _corrupt_dir(layout: SweepLayout) -> Path:
     return _results_dir(layout) / "corrupt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _compact_utc(ts: _dt.datetime) -> str:
     ts = ts.astimezone(_dt.UTC)
     return ts.strftime("%Y%m%dT%H%M%S.") + f"{ts.microsecond:06d}Z"
@@ -143,7 +132,7 @@ def _write_parquet_atomic(table: pa.Table, path: Path, **options: Any) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -421,8 +410,8 @@ def _quarantine(layout: SweepLayout, path: Path, exc: BaseException) -> None:
         if dest.exists():
             dest = dest_dir / f"{path.parent.name}-{path.stem}-{secrets.token_hex(4)}{path.suffix}"
         os.replace(path, dest)
-        _fsync_dir(dest_dir)
-        _fsync_dir(path.parent)
+        fsync_dir(dest_dir)
+        fsync_dir(path.parent)
         where = f"moved to {dest}"
     except FileNotFoundError:
         return
@@ -439,7 +428,7 @@ def _delete_inputs(paths: Sequence[Path]) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     for folder in {p.parent for p in paths}:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def compact(out_dir: str | os.PathLike) -> int:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from sweep.grid import expand, parse_grid
 from sweep.layout import SweepLayout
