@@ -36,7 +36,9 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
         _use_wal(uri)
+        self.complete: set[str] = set()  # cells whose run was terminated (fully logged)
         self.runs = self._existing_runs()
+        self.complete.discard(PARENT_TAG)
         self.parent_id = self.runs.pop(PARENT_TAG, None) or self.client.create_run(
             self.experiment_id, run_name=sweep, tags={"cell_id": PARENT_TAG, "bdsweep.kind": "sweep"}).info.run_id
 
@@ -50,12 +52,14 @@ class Tracker:
                 cell_id = run.data.tags.get("cell_id")
                 if cell_id:
                     found.setdefault(cell_id, run.info.run_id)
+                    if run.info.status != "RUNNING":  # a driver killed mid-logging left it RUNNING
+                        self.complete.add(cell_id)
             token = page.token
             if not token:
                 return found
 
     def is_tracked(self, cell_id: str) -> bool:
-        return cell_id in self.runs
+        return cell_id in self.complete
 
     def log_cell(self, marker: dict) -> str:
         """Log (or update) the child run of a finished cell from its marker."""
@@ -94,6 +98,7 @@ class Tracker:
                                   params=[Param(k, v) for k, v in params.items()] if start == 0 else [],
                                   tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [])
         self.client.set_terminated(run_id, status="FINISHED" if row["status"] != "failed" else "FAILED")
+        self.complete.add(cell_id)
         return run_id
 
     def finish(self, status: str = "FINISHED") -> None:
