@@ -332,6 +332,9 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_concurrent)
             for shard_ready, shard_waiting, size in _shards(attacks_todo, defenses_ready, waiting, options.shard_size):
                 _run_shard(plan.name, shard_ready, shard_waiting, size, out, options, books, max_concurrent)
+                # Fold this shard's one-row files into the dataset now: reading many small files is
+                # what costs memory and time, so never let more than a shard's worth pile up.
+                compact(out)
             outcome.ran = todo
         finally:
             progress.close()
