@@ -440,6 +440,15 @@ def compact(out_dir: str | os.PathLike) -> int:
     processes by flock on results/.compact.lock. Unreadable files are moved to results/corrupt/
     with a warning. Rows written while compaction runs are not touched (picked up next time)."""
     layout = SweepLayout(out_dir)
+    try:
+        return _compact_locked(layout)
+    finally:
+        # Reading many small files leaves freed buffers in Arrow's pool; hand them back so a long
+        # sweep that compacts after every shard keeps a flat footprint.
+        pa.default_memory_pool().release_unused()
+
+
+def _compact_locked(layout: SweepLayout) -> int:
     with _exclusive_lock(_results_dir(layout) / ".compact.lock"):
         _remove_stale_tmp(layout.rows)
         _remove_stale_tmp(layout.data)
