@@ -163,6 +163,9 @@ class Bookkeeper:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
+        if self.error is not None:
+            print(f"bdsweep: warning: some results were not recorded ({self.error}); the next run of the "
+                  "same command repairs them from the cell markers", file=sys.stderr)
 
 
 class CellSearcher(Searcher):
