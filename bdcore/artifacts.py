@@ -141,10 +141,3 @@ def load_artifact(folder: str | os.PathLike) -> Artifact:
             raise ArtifactError(f"artifact {str(folder)!r}: cannot read {name}: {exc}") from exc
     return Artifact(folder, metadata, loaded[MODEL_FILE], loaded.get(EXTRA_FILE, {}))
 
-
-def is_complete_artifact(folder: str | os.PathLike) -> bool:
-    try:
-        load_artifact(folder)
-    except ArtifactError:
-        return False
-    return True

@@ -41,10 +41,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

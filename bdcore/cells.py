@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bdcore.artifacts import ArtifactError, load_artifact, read_metadata, save_artifact
+from bdcore.artifacts import ArtifactError, load_artifact, save_artifact
 from bdcore.attacks import Attack, AttackConfig, PoisonedTrainSet, attack_config, build_attack
 from bdcore.data import DatasetInfo, DatasetSplits, defender_subset, load_dataset
 from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, build_defense, defense_config
@@ -144,8 +144,7 @@ def _existing(folder: Path, key: str) -> dict | None:
     if not folder.exists():
         return None
     try:
-        load_artifact(folder)  # verifies every hash
-        metadata = read_metadata(folder)
+        metadata = load_artifact(folder).metadata  # verifies every hash
     except ArtifactError:
         return None
     if metadata.get("cell_key") != key:

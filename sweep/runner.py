@@ -312,12 +312,14 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
         else:
             waiting.setdefault(defense.attack_cell_id, []).append(payload)
     # Attacks already failed for good: their defense cells are skipped, not left pending.
+    skipped: dict[str, dict] = {}
     for attack_id in list(waiting):
         if attack_id in final:
             for defense in waiting.pop(attack_id):
-                marker = skipped_marker(defense, plan.name, ATTACK_FAILED)
-                layout.write_marker(defense["cell_id"], marker)
-                reconcile(layout, tracker, {defense["cell_id"]: marker})
+                skipped[defense["cell_id"]] = skipped_marker(defense, plan.name, ATTACK_FAILED)
+                layout.write_marker(defense["cell_id"], skipped[defense["cell_id"]])
+    if skipped:
+        reconcile(layout, tracker, skipped)  # one read of the results table for all of them
 
     todo = len(attacks_todo) + len(defenses_ready) + sum(len(v) for v in waiting.values())
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - todo)

@@ -6,7 +6,6 @@ present are found by that tag, so re-running a sweep never duplicates a run.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -141,6 +140,3 @@ def make_tracker(uri: str, sweep: str, out_dir: str | Path):
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -11,11 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bdcore.data.base import DatasetError, ImageSet, missing_layout_error
+from bdcore.data.base import ImageSet, missing_layout_error
 from bdcore.data.imageio import read_image as read_image_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
