@@ -18,6 +18,7 @@ from torch import nn
 
 from bdcore.artifacts import ArtifactError, load_artifact, save_artifact
 from bdcore.attacks import Attack, AttackConfig, PoisonedTrainSet, attack_config, build_attack
+from bdcore.attacks.resources import ResourceStore
 from bdcore.data import DatasetInfo, DatasetSplits, defender_subset, load_dataset
 from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, build_defense, defense_config
 from bdcore.metrics import BackdoorMetrics, BackdoorTestSet, backdoor_metrics, defense_scores
@@ -168,7 +169,7 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
     train_cfg = spec.train_config().model_copy(update={"device": device})
     data = data or load_dataset(spec.dataset, root=spec.data_root)
     attack = build_attack(spec.attack, data.info, **attack_cfg.model_dump())
-    attack.prepare(data.train)
+    attack.prepare(data.train, ResourceStore(Path(out_dir) / "resources", device=device))
     poisoned = attack.poison_train(data.train)
     backdoor_test = attack.backdoor_test(data.test)
 

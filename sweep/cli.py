@@ -125,6 +125,41 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show_trigger(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from bdcore.atomic import atomic_write
+    from bdcore.attacks import attack_config, build_attack
+    from bdcore.attacks.preview import mean_abs_change, trigger_preview
+    from bdcore.attacks.resources import ResourceStore
+    from bdcore.data import load_dataset
+
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if Path(args.out).suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    params = {"ratio": args.ratio, "target": args.target, "label_mode": args.label_mode, "seed": args.seed,
+              **_parse_params(args.attack_param, "--attack-param")}
+    attack_config(args.attack, **params)  # validate before loading data or building resources
+    data = load_dataset(args.dataset, root=args.data_root)
+    attack = build_attack(args.attack, data.info, **params)
+    attack.prepare(data.train, ResourceStore(Path(args.cache) / "resources", device=args.device))
+    # Non-target test images, as in the backdoor test set.
+    pool = torch.nonzero(data.test.labels != args.target).flatten() if args.label_mode == "all2one" \
+        else torch.arange(len(data.test.labels))
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[: args.n]]
+    clean, labels = data.test.images[pick], data.test.labels[pick]
+    grid = trigger_preview(attack, clean, labels)
+    atomic_write(args.out, lambda tmp: Image.fromarray(grid.numpy()).save(tmp, format="PNG"))
+    test_change = mean_abs_change(clean, attack.apply_trigger(clean, labels))
+    train_change = mean_abs_change(clean, attack.apply_train_trigger(clean, labels))
+    print(f"{args.attack} on {args.dataset}: mean |change| per pixel {test_change:.2f}/255 (test trigger), "
+          f"{train_change:.2f}/255 (training trigger) over {len(pick)} images")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sweep.results import format_status, status_summary
 
@@ -183,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="counts of finished / failed / skipped cells, with failures")
     status.add_argument("dir")
     status.set_defaults(func=cmd_status)
+
+    show = sub.add_parser("show-trigger", help="picture of clean / poisoned images and the amplified difference")
+    show.add_argument("--attack", required=True)
+    show.add_argument("--dataset", required=True)
+    show.add_argument("--out", required=True, help="PNG file to write")
+    show.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    show.add_argument("--ratio", type=float, default=0.1)
+    show.add_argument("--target", type=int, default=0)
+    show.add_argument("--label-mode", default="all2one", choices=["all2one", "all2all"])
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    show.add_argument("--data-root", default=None)
+    show.add_argument("--cache", default="runs", help="folder whose resources/ caches generated attack resources "
+                      "(default: runs, shared with bdsweep cell)")
+    show.add_argument("--device", default="auto")
+    show.set_defaults(func=cmd_show_trigger)
     return parser
 
 

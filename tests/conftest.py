@@ -54,3 +54,44 @@ def badnet_cell(digits):
 @pytest.fixture
 def badnet_model_copy(badnet_cell):
     return copy.deepcopy(badnet_cell[3])
+
+
+@pytest.fixture(scope="session")
+def resource_store(tmp_path_factory):
+    """One on-disk cache of generated attack resources for the session: the clean surrogate that
+    lf, lc and trojannn craft against is trained once and shared, as in a sweep."""
+    from bdcore.attacks.resources import ResourceStore
+
+    return ResourceStore(tmp_path_factory.mktemp("resources"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clean_digits_model(digits):
+    """smallcnn trained on clean digits with the default budget (10 epochs): the reference ACC
+    attack behaviour tests compare against."""
+    seed_everything(0)
+    model = build_model("smallcnn", digits.info)
+    train_model(model, digits.train, digits.info, default_train_config("digits"), seed=0)
+    from bdcore.metrics import accuracy
+
+    return model, accuracy(model, digits.test, digits.info, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def train_attack(digits, resource_store):
+    """train_attack(name, model="smallcnn", train=None, **params) -> (attack, poisoned, metrics, model):
+    prepare the attack (resources cached for the session), poison digits, train the victim with
+    the attack's own training step if any, and score it on the backdoor test set."""
+
+    def run(name: str, model: str = "smallcnn", train: dict | None = None, **params):
+        attack = build_attack(name, digits.info, **params)
+        attack.prepare(digits.train, resource_store)
+        poisoned = attack.poison_train(digits.train)
+        seed_everything(0)
+        net = build_model(model, digits.info)
+        train_model(net, poisoned.data, digits.info, default_train_config("digits", device="cpu", **(train or {})),
+                    seed=0, step=attack.training_step(poisoned))
+        metrics = backdoor_metrics(net, digits.test, attack.backdoor_test(digits.test), digits.info, device="cpu")
+        return attack, poisoned, metrics, net
+
+    return run

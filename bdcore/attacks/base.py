@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from bdcore.attacks.resources import ResourceStore
 from bdcore.data.base import DatasetInfo, ImageSet
 from bdcore.metrics import BackdoorTestSet
 from bdcore.train.loop import TrainStep
@@ -56,8 +57,13 @@ class Attack(ABC):
         self.info = info
 
     # -- resources -------------------------------------------------------------------------
-    def prepare(self, train: ImageSet) -> None:
-        """Build any resource the trigger needs (optimised triggers, generators). Default: none."""
+    def prepare(self, train: ImageSet, resources: ResourceStore) -> None:
+        """Build (or fetch from `resources`' cache) what the trigger needs: surrogate models,
+        optimised triggers, encoder networks, perturbed images. Default: nothing.
+
+        Everything needed afterwards must end up in `state_tensors()`: an attack restored with
+        `load_state_tensors` alone (no `prepare`) must give identical `apply_trigger`,
+        `apply_train_trigger` and `poison_train` results (defense cells rebuild it that way)."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that, with the config, rebuild the trigger (saved in the attack artifact)."""
