@@ -53,6 +53,9 @@ class Attack(ABC):
             raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
         if config.target >= info.num_classes:
             raise ValueError(f"target class {config.target} is out of range for {info.name} ({info.num_classes} classes)")
+        if self.clean_label and config.label_mode == "all2all":
+            raise ValueError(f"{self.name} is a clean-label attack (it poisons target-class samples and keeps "
+                             "their labels), so it supports label_mode 'all2one' only, not 'all2all'")
         self.config = config
         self.info = info
 
