@@ -67,6 +67,9 @@ class ResourceStore:
     root: Path | None = None
     device: str = "auto"
     _memory: dict[str, Resource] = field(default_factory=dict, repr=False)
+    # What this store handed out, in order: {"name": "<kind>-<hash>", "reused": bool}; a cell
+    # records it so its row says which cached resources it was built from.
+    used: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if self.root is not None:
@@ -82,6 +85,11 @@ class ResourceStore:
         if not kind.replace("_", "").isalnum():
             raise ValueError(f"resource kind must be alphanumeric/underscore, got {kind!r}")
         key = _digest({"kind": kind, "spec": spec})[:16]
+        resource = self._get_or_build(kind, key, spec, build)
+        self.used.append({"name": f"{kind}-{key}", "reused": resource.reused})
+        return resource
+
+    def _get_or_build(self, kind: str, key: str, spec: dict[str, Any], build: Builder) -> Resource:
         name = f"{kind}-{key}"
         if self.root is None:
             if name not in self._memory:
@@ -183,6 +191,18 @@ def load_module_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], pre
     return module
 
 
+def surrogate_spec(train: ImageSet, info: DatasetInfo, model: str | None = None, epochs: int | None = None,
+                   seed: int = 0) -> dict[str, Any]:
+    """What determines a clean surrogate: its cache key, and the part of the key of every resource
+    crafted against it."""
+    from bdcore.train import default_train_config
+
+    overrides = {"epochs": epochs} if epochs is not None else {}
+    config = default_train_config(info.name, **overrides)
+    return {"data": fingerprint(train), "dataset": info.name, "model": model or default_surrogate_model(info.name),
+            "seed": seed, "train": config.model_dump(exclude={"device"})}
+
+
 def clean_surrogate(resources: ResourceStore, train: ImageSet, info: DatasetInfo, model: str | None = None,
                     epochs: int | None = None, seed: int = 0) -> nn.Module:
     """A model trained on the clean training set with the dataset's default recipe (optionally
@@ -190,13 +210,11 @@ def clean_surrogate(resources: ResourceStore, train: ImageSet, info: DatasetInfo
     Built once per (data, architecture, epochs, seed) and shared by every cell; returned in eval
     mode on the store's device."""
     from bdcore.models import build_model
-    from bdcore.train import default_train_config, seed_everything, train_model
+    from bdcore.train import TrainConfig, seed_everything, train_model
 
-    name = model or default_surrogate_model(info.name)
-    overrides = {"epochs": epochs} if epochs is not None else {}
-    config = default_train_config(info.name, **overrides)
-    spec = {"data": fingerprint(train), "dataset": info.name, "model": name, "seed": seed,
-            "train": config.model_dump(exclude={"device"})}
+    spec = surrogate_spec(train, info, model, epochs, seed)
+    name = spec["model"]
+    config = TrainConfig(**spec["train"])
 
     def build():
         seed_everything(seed)
