@@ -169,7 +169,8 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
     train_cfg = spec.train_config().model_copy(update={"device": device})
     data = data or load_dataset(spec.dataset, root=spec.data_root)
     attack = build_attack(spec.attack, data.info, **attack_cfg.model_dump())
-    attack.prepare(data.train, ResourceStore(Path(out_dir) / "resources", device=device))
+    resources = ResourceStore(Path(out_dir) / "resources", device=device)
+    attack.prepare(data.train, resources)
     poisoned = attack.poison_train(data.train)
     backdoor_test = attack.backdoor_test(data.test)
 
@@ -192,6 +193,7 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
         "poison_indices": poisoned.poison_indices.tolist(),
         "extra_indices": {k: v.tolist() for k, v in poisoned.extra_indices.items()},
         "has_poisoned_trainset": attack.has_poisoned_trainset,
+        "resources": resources.used,
         "metrics": metrics.as_dict(),
         "history": result.history,
         "resumed_from_epoch": result.resumed_from_epoch,

@@ -244,7 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bdcore.data import DatasetError
     from bdcore.models import WeightsError
     from bdcore.registry import UnknownNameError
-
     from sweep.grid import GridError
 
     args = build_parser().parse_args(argv)

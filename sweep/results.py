@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bdcore.atomic import fsync_dir
-
 from sweep.layout import ROW_COLUMNS, SweepLayout
 
 __all__ = [

@@ -145,3 +145,26 @@ def test_killed_attack_cell_resumes_at_its_epoch(tmp_path, digits):
     assert seen == [3]
     assert read_metadata(result.path)["resumed_from_epoch"] == 2
     assert not (tmp_path / "work" / "attacks" / spec.name()).exists()  # checkpoint cleaned up once saved
+
+
+def test_attack_cells_share_generated_resources_and_artifacts_stand_alone(tmp_path, digits):
+    """A trojannn cell builds the clean surrogate and the trigger under <out>/resources; a second
+    cell with another ratio reuses the trigger (no surrogate needed); the artifact alone, with the
+    cache deleted, reproduces the backdoor test set."""
+    from bdcore.artifacts import read_metadata
+    from bdcore.cells import run_attack_cell
+
+    first = AttackCellSpec(dataset="digits", model="smallcnn", attack="trojannn", ratio=0.1, train={"epochs": 1})
+    second = first.model_copy(update={"ratio": 0.05})
+    a = run_attack_cell(first, tmp_path, data=digits)
+    b = run_attack_cell(second, tmp_path, data=digits)
+    used_a, used_b = read_metadata(a.path)["resources"], read_metadata(b.path)["resources"]
+    assert [(u["name"].split("-")[0], u["reused"]) for u in used_a] == [("surrogate", False),
+                                                                       ("trojannn_trigger", False)]
+    assert used_b == [{"name": used_a[1]["name"], "reused": True}]
+    assert sorted(p.name for p in (tmp_path / "resources").iterdir() if not p.name.startswith(".")) == sorted(
+        u["name"] for u in used_a)
+
+    expected = load_attack_cell(a.path).attack.backdoor_test(digits.test).images
+    shutil.rmtree(tmp_path / "resources")
+    assert torch.equal(load_attack_cell(a.path).attack.backdoor_test(digits.test).images, expected)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from sweep.grid import expand, parse_grid
 from sweep.layout import SweepLayout
 from sweep.results import load_results
