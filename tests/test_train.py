@@ -62,6 +62,57 @@ def test_resume_after_kill_continues_at_the_same_epoch(digits, tmp_path):
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
 
 
+class ShiftStep:
+    """A custom step that trains a part of its own (a learnable image shift, Adam, stepped lr):
+    what trigger generators do; the loop must checkpoint and resume it with the model."""
+
+    def __init__(self, info):
+        self.shift = torch.nn.Parameter(torch.zeros(info.image_shape))
+        self.optimizers = [torch.optim.Adam([self.shift], lr=0.01)]
+        self.schedulers = [torch.optim.lr_scheduler.MultiStepLR(self.optimizers[0], milestones=[2], gamma=0.1)]
+
+    def __call__(self, images, labels, indices, ctx):
+        from bdcore.train.loop import to_model_input
+
+        noise = torch.rand(images.shape[0], 1, 1, 1, generator=ctx.generator, device=images.device)
+        return torch.nn.functional.cross_entropy(ctx.model(to_model_input(images + noise * self.shift, ctx)), labels)
+
+    def state(self):
+        return {"shift": self.shift.detach().clone()}
+
+    def restore(self, tensors):
+        with torch.no_grad():
+            self.shift.copy_(tensors["shift"])
+
+
+def test_a_steps_own_optimizers_are_stepped_checkpointed_and_resumed(digits, tmp_path):
+    subset = digits.train.subset(torch.arange(300))
+
+    def run(**kwargs):
+        model, cfg = small_run(digits)
+        step = ShiftStep(digits.info)
+        result = train_model(model, subset, digits.info, cfg, seed=0, step=step, extra_state=step.state,
+                             restore_extra_state=step.restore, **kwargs)
+        return model, step, result
+
+    class Killed(Exception):
+        pass
+
+    def die_after_three(epoch, record):
+        if epoch == 3:
+            raise Killed
+
+    straight, straight_step, _ = run()
+    assert straight_step.shift.abs().sum() > 0  # the step's own optimizer did update its part
+    assert straight_step.schedulers[0].get_last_lr() == pytest.approx([0.001])
+    with pytest.raises(Killed):
+        run(checkpoint_dir=tmp_path, on_epoch_end=die_after_three)
+    resumed, resumed_step, result = run(checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 3
+    assert states_equal(straight.state_dict(), resumed.state_dict())
+    assert torch.equal(straight_step.shift, resumed_step.shift)
+
+
 def test_checkpoint_of_another_run_is_not_resumed(digits, tmp_path):
     subset = digits.train.subset(torch.arange(200))
     model, cfg = small_run(digits, epochs=1)

@@ -47,6 +47,9 @@ class Attack(ABC):
     config_class: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False  # True: poison only target-class samples, keep labels
     has_poisoned_trainset: ClassVar[bool] = True  # False for attacks that only act in training
+    # True when the trigger is learnt while the victim trains (generators trained jointly): the
+    # trigger exists only in a trained attack cell's artifact, not after `prepare` alone.
+    trigger_learned_in_training: ClassVar[bool] = False
 
     def __init__(self, config: AttackConfig, info: DatasetInfo):
         if not isinstance(config, self.config_class):

@@ -38,10 +38,25 @@ class StepContext:
 
 class TrainStep(Protocol):
     """A loss for one batch. `images` are augmented, float in [0, 1], on the device;
-    `indices` index the training set. Attacks that own training supply one of these."""
+    `indices` index the training set. Attacks that own training supply one of these.
+
+    A step that trains parts of its own alongside the model (trigger generators) may carry
+    `optimizers` (stepped after every batch with the model's optimizer, through the same AMP
+    scaler) and `schedulers` (stepped once per epoch); the loop checkpoints and resumes their
+    state with the model's. The parts' weights travel through `extra_state`/`restore_extra_state`.
+    A step with a `to(device)` method is moved to the training device before anything else.
+    """
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         ...
+
+
+def step_optimizers(step) -> list[torch.optim.Optimizer]:
+    return list(getattr(step, "optimizers", None) or [])
+
+
+def step_schedulers(step) -> list:
+    return list(getattr(step, "schedulers", None) or [])
 
 
 def cross_entropy_step(images, labels, indices, ctx: StepContext) -> torch.Tensor:
@@ -108,14 +123,15 @@ class Checkpointer:
     def path(self) -> Path:
         return self.folder / self.FILE
 
-    def save(self, epoch: int, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
+    def save(self, epoch: int, model: nn.Module, optimizers: list, schedulers: list, generator: torch.Generator,
              history: list[dict], extra: dict[str, torch.Tensor] | None = None) -> None:
+        """`optimizers` / `schedulers`: the model's first, then a custom step's own."""
         tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        opt_state = optimizer.state_dict()
-        for pid, state in opt_state["state"].items():
-            for name, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+        optimizer_meta = []
+        for i, optimizer in enumerate(optimizers):
+            tensor_state, meta_state = _split_optimizer_state(optimizer.state_dict())
+            tensors.update({f"optim{i}.{k}": v for k, v in tensor_state.items()})
+            optimizer_meta.append(meta_state)
         tensors["rng.generator"] = generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         for k, v in (extra or {}).items():
@@ -123,44 +139,65 @@ class Checkpointer:
         meta = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
-            "optimizer_param_groups": opt_state["param_groups"],
-            "optimizer_scalars": {
-                str(pid): {n: v for n, v in s.items() if not isinstance(v, torch.Tensor)}
-                for pid, s in opt_state["state"].items()
-            },
-            "scheduler": _jsonable(scheduler.state_dict()),
+            "optimizers": optimizer_meta,
+            "schedulers": [_jsonable(scheduler.state_dict()) for scheduler in schedulers],
             "history": history,
         }
         # One file holds tensors and metadata, so a single rename publishes a whole checkpoint.
         atomic_write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"bdcore": json.dumps(meta)}))
 
-    def load(self, model: nn.Module, optimizer, scheduler, generator: torch.Generator) -> tuple[int, list[dict], dict]:
-        """Restore the latest checkpoint; returns (epochs done, history, extra tensors), or
-        (0, [], {}) when there is none for this run (or it is unreadable: training restarts)."""
+    def load(self, model: nn.Module, optimizers: list, schedulers: list, generator: torch.Generator,
+             restore_extra: Callable[[dict[str, torch.Tensor]], None] | None = None) -> tuple[int, list[dict]]:
+        """Restore the latest checkpoint; returns (epochs done, history), or (0, []) when there is
+        none for this run (or it is unreadable or of another shape: training restarts). Extra
+        tensors go to `restore_extra` before the optimizers load (they may hold the parameters
+        a step's own optimizer updates)."""
         if not self.path.is_file():
-            return 0, [], {}
+            return 0, []
         try:
             with safe_open(str(self.path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {})["bdcore"])
             tensors = load_file(str(self.path))
         except Exception:
-            return 0, [], {}
-        if meta.get("fingerprint") != self.fingerprint:
-            return 0, [], {}
+            return 0, []
+        if (meta.get("fingerprint") != self.fingerprint or len(meta.get("optimizers", ())) != len(optimizers)
+                or len(meta.get("schedulers", ())) != len(schedulers)):
+            return 0, []
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt_state: dict[str, Any] = {"param_groups": meta["optimizer_param_groups"], "state": {}}
-        for pid, scalars in meta["optimizer_scalars"].items():
-            opt_state["state"][int(pid)] = dict(scalars)
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                opt_state["state"].setdefault(int(pid), {})[name] = value
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(meta["scheduler"])
+        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+        if extra and restore_extra is not None:
+            restore_extra(extra)
+        for i, (optimizer, meta_state) in enumerate(zip(optimizers, meta["optimizers"])):
+            prefix = f"optim{i}."
+            optimizer.load_state_dict(_join_optimizer_state(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta_state))
+        for scheduler, state in zip(schedulers, meta["schedulers"]):
+            scheduler.load_state_dict(state)
         generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
-        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return int(meta["epoch"]), list(meta["history"]), extra
+        return int(meta["epoch"]), list(meta["history"])
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as (tensors keyed "<param id>.<name>", JSON-able rest)."""
+    tensors = {}
+    for pid, param_state in state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+    scalars = {str(pid): {n: v for n, v in s.items() if not isinstance(v, torch.Tensor)}
+               for pid, s in state["state"].items()}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, Any] = {"param_groups": meta["param_groups"], "state": {}}
+    for pid, scalars in meta["scalars"].items():
+        state["state"][int(pid)] = dict(scalars)
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state["state"].setdefault(int(pid), {})[name] = value
+    return state
 
 
 def _jsonable(obj):
@@ -211,22 +248,26 @@ def train_model(
     data = data.to(device)
     normalize = Normalizer(info, device)
     step = step or cross_entropy_step
+    if callable(getattr(step, "to", None)):
+        step.to(device)  # its own parts live where the model trains, before their optimizer state loads
     optimizer = make_optimizer(parameters if parameters is not None else model.parameters(), config)
     scheduler = make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    optimizers = [optimizer, *step_optimizers(step)]
+    schedulers = [scheduler, *step_schedulers(step)]
 
     checkpointer = None
     history: list[dict[str, float]] = []
     start_epoch = 0
     if checkpoint_dir is not None:
         checkpointer = Checkpointer(checkpoint_dir, run_fingerprint(config, seed, data, checkpoint_tag))
-        start_epoch, history, extra = checkpointer.load(model, optimizer, scheduler, generator)
-        if extra and restore_extra_state is not None:
-            restore_extra_state(extra)
-        if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
-            from collections import Counter
+        start_epoch, history = checkpointer.load(model, optimizers, schedulers, generator, restore_extra_state)
+        for each in schedulers:
+            if isinstance(each, torch.optim.lr_scheduler.MultiStepLR):
+                from collections import Counter
 
-            scheduler.milestones = Counter(config.milestones)  # JSON turned its int keys into str
+                each.milestones = Counter(int(m) for m in each.milestones)  # JSON turned int keys into str
     result = TrainResult(resumed_from_epoch=start_epoch)
 
     n = len(data)
@@ -244,9 +285,11 @@ def train_model(
             images = images.float().div_(255.0)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss = step(images, labels, idx, ctx)
-            optimizer.zero_grad(set_to_none=True)
+            for each in optimizers:
+                each.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            for each in optimizers:
+                scaler.step(each)
             scaler.update()
             loss_sum += loss.detach()  # summed on the device: no host sync per batch
             batches += 1
@@ -262,10 +305,12 @@ def train_model(
             scheduler.step(record["train_loss"])
         else:
             scheduler.step()
+        for each in schedulers[1:]:
+            each.step()
         record["epoch_seconds"] = time.perf_counter() - epoch_started
         history.append(record)
         if checkpointer is not None:
-            checkpointer.save(epoch + 1, model, optimizer, scheduler, generator, history,
+            checkpointer.save(epoch + 1, model, optimizers, schedulers, generator, history,
                               extra_state() if extra_state is not None else None)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
