@@ -130,31 +130,61 @@ def cmd_show_trigger(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from bdcore.atomic import atomic_write
-    from bdcore.attacks import attack_config, build_attack
+    from bdcore.attacks import ATTACKS, attack_config, build_attack
     from bdcore.attacks.preview import mean_abs_change, trigger_preview
-    from bdcore.attacks.resources import ResourceStore
+    from bdcore.attacks.resources import ResourceStore, default_surrogate_model
+    from bdcore.cells import AttackCellSpec, load_attack_cell, run_attack_cell
     from bdcore.data import load_dataset
 
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if Path(args.out).suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
-    params = {"ratio": args.ratio, "target": args.target, "label_mode": args.label_mode, "seed": args.seed,
-              **_parse_params(args.attack_param, "--attack-param")}
-    attack_config(args.attack, **params)  # validate before loading data or building resources
-    data = load_dataset(args.dataset, root=args.data_root)
-    attack = build_attack(args.attack, data.info, **params)
-    attack.prepare(data.train, ResourceStore(Path(args.cache) / "resources", device=args.device))
+    if args.artifact is None and (args.attack is None or args.dataset is None):
+        raise UsageError("show-trigger needs --attack and --dataset, or --artifact DIR (a trained attack cell)")
+    if args.artifact is not None:
+        if not Path(args.artifact).is_dir():
+            raise UsageError(f"--artifact {args.artifact!r}: no such folder (expected an attack cell folder, "
+                             "e.g. runs/x/attacks/<cell>)")
+        cell = load_attack_cell(args.artifact)
+        for flag, given, saved in (("--attack", args.attack, cell.spec.attack), ("--dataset", args.dataset,
+                                                                                   cell.spec.dataset)):
+            if given is not None and given != saved:
+                raise UsageError(f"{flag} {given!r} does not match the artifact's {saved!r}")
+        attack, spec = cell.attack, cell.spec
+        data = load_dataset(spec.dataset, root=args.data_root or spec.data_root)
+    else:
+        params = {"ratio": args.ratio, "target": args.target, "label_mode": args.label_mode, "seed": args.seed,
+                  **_parse_params(args.attack_param, "--attack-param")}
+        attack_config(args.attack, **params)  # validate before loading data or building resources
+        data = load_dataset(args.dataset, root=args.data_root)
+        if ATTACKS.get(args.attack).trigger_learned_in_training:
+            # The trigger only exists once the victim is trained: train the attack cell once, cached.
+            spec = AttackCellSpec(dataset=args.dataset, model=args.model or default_surrogate_model(args.dataset),
+                                  attack=args.attack, ratio=args.ratio, target=args.target,
+                                  label_mode=args.label_mode, seed=args.seed,
+                                  attack_params={k: v for k, v in params.items()
+                                                 if k not in ("ratio", "target", "label_mode", "seed")},
+                                  train={} if args.epochs is None else {"epochs": args.epochs},
+                                  data_root=args.data_root)
+            out = Path(args.cache) / "show-trigger"
+            print(f"{args.attack} learns its trigger while the victim trains: training its attack cell once "
+                  f"({spec.model}, cached under {out})")
+            attack = load_attack_cell(run_attack_cell(spec, out, device=args.device, data=data).path).attack
+        else:
+            attack = build_attack(args.attack, data.info, **params)
+            attack.prepare(data.train, ResourceStore(Path(args.cache) / "resources", device=args.device))
+    config = attack.config
     # Non-target test images, as in the backdoor test set.
-    pool = torch.nonzero(data.test.labels != args.target).flatten() if args.label_mode == "all2one" \
+    pool = torch.nonzero(data.test.labels != config.target).flatten() if config.label_mode == "all2one" \
         else torch.arange(len(data.test.labels))
-    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[: args.n]]
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))[: args.n]]
     clean, labels = data.test.images[pick], data.test.labels[pick]
     grid = trigger_preview(attack, clean, labels)
     atomic_write(args.out, lambda tmp: Image.fromarray(grid.numpy()).save(tmp, format="PNG"))
     test_change = mean_abs_change(clean, attack.apply_trigger(clean, labels))
     train_change = mean_abs_change(clean, attack.apply_train_trigger(clean, labels))
-    print(f"{args.attack} on {args.dataset}: mean |change| per pixel {test_change:.2f}/255 (test trigger), "
+    print(f"{attack.name} on {data.info.name}: mean |change| per pixel {test_change:.2f}/255 (test trigger), "
           f"{train_change:.2f}/255 (training trigger) over {len(pick)} images")
     print(f"wrote {args.out}")
     return 0
@@ -220,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     show = sub.add_parser("show-trigger", help="picture of clean / poisoned images and the amplified difference")
-    show.add_argument("--attack", required=True)
-    show.add_argument("--dataset", required=True)
+    show.add_argument("--attack", help="attack name (not needed with --artifact)")
+    show.add_argument("--dataset", help="dataset name (not needed with --artifact)")
+    show.add_argument("--artifact", default=None, help="a trained attack cell folder: show its trigger")
     show.add_argument("--out", required=True, help="PNG file to write")
     show.add_argument("--n", type=int, default=8, help="number of images (default 8)")
     show.add_argument("--ratio", type=float, default=0.1)
@@ -233,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--cache", default="runs", help="folder whose resources/ caches generated attack resources "
                       "(default: runs, shared with bdsweep cell)")
     show.add_argument("--device", default="auto")
+    show.add_argument("--model", default=None, help="victim for attacks that learn their trigger while it trains "
+                      "(default: smallcnn on digits, else preactresnet18)")
+    show.add_argument("--epochs", type=int, default=None, help="training epochs for such attacks (default: the "
+                      "dataset's)")
     show.set_defaults(func=cmd_show_trigger)
     return parser
 

@@ -97,3 +97,23 @@ def test_show_trigger_writes_picture(tmp_path, capsys):
     assert main(["show-trigger", "--attack", "nope", "--dataset", "digits", "--out", str(out)]) == 2
     assert main(["show-trigger", "--attack", "blended", "--dataset", "digits", "--out", str(tmp_path / "x.jpg")]) == 2
     assert "must name a .png" in capsys.readouterr().err
+
+
+def test_show_trigger_of_a_trained_attack_cell(tmp_path, capsys, digits):
+    from PIL import Image
+
+    from bdcore.cells import AttackCellSpec, run_attack_cell
+    from sweep.cli import main
+
+    spec = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1, target=2,
+                          train={"epochs": 1})
+    cell = run_attack_cell(spec, tmp_path, data=digits)
+    out = tmp_path / "cell.png"
+    assert main(["show-trigger", "--artifact", str(cell.path), "--n", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 + 3 * 34, 2 + 3 * 34)
+    assert "badnet on digits" in capsys.readouterr().out
+    assert main(["show-trigger", "--artifact", str(cell.path), "--attack", "blended", "--out", str(out)]) == 2
+    assert "does not match the artifact's 'badnet'" in capsys.readouterr().err
+    assert main(["show-trigger", "--artifact", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["show-trigger", "--attack", "badnet", "--out", str(out)]) == 2
+    assert "--artifact DIR" in capsys.readouterr().err

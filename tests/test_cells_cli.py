@@ -61,7 +61,7 @@ def test_corrupt_artifact_is_recomputed(finished, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--attack", "badnot"], "unknown attack 'badnot'; known attacks: badnet, blended"),
+    (["--attack", "badnot"], "unknown attack 'badnot'; known attacks: adap_blend, adap_patch, badnet"),
     (["--model", "resnet99"], "unknown model 'resnet99'; known models:"),
     (["--defense", "fq"], "unknown defense 'fq'; known defenses:"),
     (["--ratio", "1.5"], "ratio: Input should be less than or equal to 1"),
