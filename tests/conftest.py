@@ -66,6 +66,18 @@ def resource_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prepare_attack(digits, resource_store):
+    """prepare_attack(name, **params) -> the attack after prepare() with the session's store."""
+
+    def make(name: str, **params):
+        attack = build_attack(name, digits.info, **params)
+        attack.prepare(digits.train, resource_store)
+        return attack
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def clean_digits_model(digits):
     """smallcnn trained on clean digits with the default budget (10 epochs): the reference ACC
     attack behaviour tests compare against."""

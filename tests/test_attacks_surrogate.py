@@ -28,15 +28,9 @@ BEHAVIOUR = {**PARAMS, "lc": {**PARAMS["lc"], "train_amplitude": LC_AMPLITUDE}}
 
 
 @pytest.fixture(scope="module")
-def prepared(digits, resource_store):
-    """prepared(name, **overrides) -> the attack after prepare() with the session's store."""
-
-    def make(name: str, **overrides):
-        attack = build_attack(name, digits.info, **{**PARAMS[name], **overrides})
-        attack.prepare(digits.train, resource_store)
-        return attack
-
-    return make
+def prepared(prepare_attack):
+    """prepared(name, **overrides) -> the attack, with this file's parameters, after prepare()."""
+    return lambda name, **overrides: prepare_attack(name, **{**PARAMS[name], **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pydantic import Field, field_validator
 
 from bdcore.attacks._adaptive import AdaptiveAttack, AdaptiveConfig
 from bdcore.attacks.base import blend
+from bdcore.attacks.blended import blend_pattern
 from bdcore.attacks.registry import register_attack
-from bdcore.data.imageio import read_image
 
 
 class AdapBlendConfig(AdaptiveConfig):
@@ -58,11 +58,7 @@ class AdapBlend(AdaptiveAttack):
         super().__init__(config, info)
         self.pieces = piece_map(config.pieces, info.height, info.width)
         self.masked_pieces = round(config.mask_rate * config.pieces)
-        if config.pattern_image is not None:
-            self.pattern = read_image(config.pattern_image, (info.height, info.width), info.channels)
-        else:
-            generator = torch.Generator().manual_seed(config.pattern_seed)
-            self.pattern = torch.randint(0, 256, info.image_shape, generator=generator, dtype=torch.uint8)
+        self.pattern = blend_pattern(config.pattern_image, config.pattern_seed, info)
 
     def state_tensors(self):
         return {"pattern": self.pattern}

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from bdcore.attacks.base import Attack, AttackConfig, blend
 from bdcore.attacks.registry import register_attack
+from bdcore.data.base import DatasetInfo
 from bdcore.data.imageio import read_image
 
 
@@ -20,6 +21,14 @@ class BlendedConfig(AttackConfig):
     pattern_seed: int = 0  # seed of the default noise pattern
 
 
+def blend_pattern(pattern_image: str | None, pattern_seed: int, info: DatasetInfo) -> torch.Tensor:
+    """The pattern to blend in: an image file resized to the dataset's size, else seeded uniform noise."""
+    if pattern_image is not None:
+        return read_image(pattern_image, (info.height, info.width), info.channels)
+    generator = torch.Generator().manual_seed(pattern_seed)
+    return torch.randint(0, 256, info.image_shape, generator=generator, dtype=torch.uint8)
+
+
 @register_attack("blended")
 class Blended(Attack):
     config_class = BlendedConfig
@@ -27,11 +36,7 @@ class Blended(Attack):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        if config.pattern_image is not None:
-            self.pattern = read_image(config.pattern_image, (info.height, info.width), info.channels)
-        else:
-            generator = torch.Generator().manual_seed(config.pattern_seed)
-            self.pattern = torch.randint(0, 256, info.image_shape, generator=generator, dtype=torch.uint8)
+        self.pattern = blend_pattern(config.pattern_image, config.pattern_seed, info)
 
     def state_tensors(self):
         return {"pattern": self.pattern}
