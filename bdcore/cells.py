@@ -172,7 +172,6 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
     resources = ResourceStore(Path(out_dir) / "resources", device=device)
     attack.prepare(data.train, resources)
     poisoned = attack.poison_train(data.train)
-    backdoor_test = attack.backdoor_test(data.test)
 
     seed_everything(spec.seed)
     model = build_model(spec.model, data.info, pretrained=spec.pretrained)
@@ -181,6 +180,8 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
                          step=attack.training_step(poisoned), on_epoch_end=on_epoch_end, checkpoint_dir=work,
                          checkpoint_tag=key, extra_state=attack.state_tensors,
                          restore_extra_state=attack.load_state_tensors)
+    # After training: attacks that learn their trigger (generators) only have it now.
+    backdoor_test = attack.backdoor_test(data.test)
     metrics = backdoor_metrics(model, data.test, backdoor_test, data.info, device=device)
     seconds = time.perf_counter() - started
     save_artifact(folder, model.state_dict(), {

@@ -8,6 +8,7 @@ import torch
 
 from bdcore.artifacts import read_metadata
 from bdcore.cells import AttackCellSpec, load_attack_cell, run_attack_cell
+from bdcore.metrics import backdoor_metrics
 
 TRAINING_ATTACKS = ["wanet", "inputaware", "bpp", "blind", "lira"]
 
@@ -33,7 +34,10 @@ def test_killed_training_resumes_to_the_same_result(name, digits, tmp_path):
     assert resumed.metrics == straight.metrics
     a, b = load_attack_cell(straight.path), load_attack_cell(resumed.path)
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
-    # The artifact alone rebuilds the trigger (generators included), identically.
-    assert torch.equal(a.attack.backdoor_test(digits.test).images, b.attack.backdoor_test(digits.test).images)
+    # The artifact alone rebuilds the trigger (generators included), identically, and the cell's
+    # metrics are those of the trained trigger (not of the generators before training).
+    backdoor_test = a.attack.backdoor_test(digits.test)
+    assert torch.equal(backdoor_test.images, b.attack.backdoor_test(digits.test).images)
+    assert backdoor_metrics(a.model, digits.test, backdoor_test, digits.info, device="cpu") == straight.metrics
     meta = read_metadata(straight.path)
     assert meta["has_poisoned_trainset"] == a.attack.has_poisoned_trainset

@@ -72,6 +72,9 @@ def test_backdoorbench_cifar10_loads_and_plans(monkeypatch, tmp_path):
     assert sorted({a.spec.ratio for a in plan.attacks}) == [0.001, 0.005, 0.01, 0.05, 0.1]
     assert plan.attacks[0].resources.gpu == 0.5 and plan.defenses[0].resources.gpu == 0.25
     assert any("cifar10" in w and str(tmp_path) in w for w in plan.warnings)
+    trains = {a.spec.attack: a.spec.train for a in plan.attacks}  # BackdoorBench's per-attack training
+    assert trains["lira"] == {"epochs": 300} and trains["badnet"] == {}
+    assert all(trains[name] == {"schedule": "constant"} for name in ("wanet", "bpp", "inputaware"))
     # Lines still commented out name only methods that do not exist yet.
     text = (GRIDS / "backdoorbench-cifar10.yaml").read_text()
     pending = re.findall(r"^  # - (\w+) +# not implemented yet", text, flags=re.M)
