@@ -245,7 +245,9 @@ def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: 
     method = build_defense(defense.defense, **config.model_dump())
     work = Path(out_dir) / "work" / "defenses" / spec.name() / folder.name
     ctx = DefenseContext(info=cell.info, device=device, work_dir=work, on_epoch_end=on_epoch_end,
-                         model_factory=cell.fresh_model, train_config=spec.train_config())
+                         model_factory=cell.fresh_model, train_config=spec.train_config(),
+                         poisoned_train=(lambda: _rebuild_poisoned(cell, data)) if cell.attack.has_poisoned_trainset
+                         else None)
     seed_everything(spec.seed)
     try:
         if method.kind == "post_training":

@@ -57,6 +57,19 @@ def badnet_model_copy(badnet_cell):
 
 
 @pytest.fixture(scope="session")
+def blended_cell(digits):
+    """(attack, poisoned train set, backdoor test set, trained model, metrics) for blended at 10%."""
+    attack = build_attack("blended", digits.info, ratio=0.1)
+    poisoned = attack.poison_train(digits.train)
+    backdoor_test = attack.backdoor_test(digits.test)
+    seed_everything(0)
+    model = build_model("smallcnn", digits.info)
+    train_model(model, poisoned.data, digits.info, default_train_config("digits"), seed=0)
+    metrics = backdoor_metrics(model, digits.test, backdoor_test, digits.info)
+    return attack, poisoned, backdoor_test, model, metrics
+
+
+@pytest.fixture(scope="session")
 def resource_store(tmp_path_factory):
     """One on-disk cache of generated attack resources for the session: the clean surrogate that
     lf, lc and trojannn craft against is trained once and shared, as in a sweep."""

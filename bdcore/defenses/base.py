@@ -38,6 +38,14 @@ class DefenseContext:
     on_epoch_end: Callable[[int, dict], None] | None = None
     model_factory: Callable[[], nn.Module] | None = None  # a fresh model of the victim's architecture
     train_config: TrainConfig | None = None  # the attack cell's training config
+    # The attack's poisoned training set (a bdcore.attacks.PoisonedTrainSet), rebuilt on demand; None
+    # when the attack has none. Post-training defenses that read BN statistics of training data use it.
+    poisoned_train: Callable[[], object] | None = None
+
+    def require_poisoned_train(self, method: str):
+        if self.poisoned_train is None:
+            raise DefenseSkipped(f"{method} needs the attack's poisoned training set and this cell has none")
+        return self.poisoned_train()
 
 
 @dataclass

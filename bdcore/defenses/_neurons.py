@@ -1,0 +1,183 @@
+"""Neurons of a CNN as defenses see them: the output channels of its BatchNorm layers (and of the
+conv feeding each), with soft masks for mask-learning defenses and hard, persistent pruning.
+
+Pruning zeroes a channel's BN scale and shift (and the feeding conv's filter), so the channel
+outputs exactly 0 in training and evaluation mode, and the pruned model is a plain state dict of
+the victim's architecture: the artifact needs no hooks or masks to reproduce it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from bdcore.defenses.base import DefenseSkipped
+
+NORM_TYPES = (nn.BatchNorm2d,)
+
+
+@dataclass
+class Unit:
+    """One BN layer (`norm`) with the conv whose output it normalises, when it directly follows one."""
+
+    name: str
+    norm: nn.BatchNorm2d
+    conv: nn.Conv2d | None
+
+    @property
+    def channels(self) -> int:
+        return self.norm.num_features
+
+
+def batchnorm_units(model: nn.Module) -> list[Unit]:
+    """Every BatchNorm2d of `model`, in registration order, paired with the conv registered right
+    before it when that conv's output width matches (conv -> BN, as in conv-BN-ReLU blocks and
+    PreAct blocks' conv1 -> bn2)."""
+    units: list[Unit] = []
+    previous: nn.Module | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            conv = previous if isinstance(previous, nn.Conv2d) and previous.out_channels == module.num_features else None
+            units.append(Unit(name, module, conv))
+        if isinstance(module, (nn.Conv2d, *NORM_TYPES)):
+            previous = module
+    return units
+
+
+def require_batchnorm(model: nn.Module, method: str) -> list[Unit]:
+    units = batchnorm_units(model)
+    if not units:
+        raise DefenseSkipped(f"{method} works on BatchNorm2d neurons and {type(model).__name__} has none")
+    return units
+
+
+def conv_units(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
+    """Every Conv2d with the BN that directly follows it (or None): the layers a data-free
+    channel analysis can read from weights alone."""
+    paired = {id(u.conv): u.norm for u in batchnorm_units(model) if u.conv is not None}
+    return [(name, m, paired.get(id(m))) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def prune_unit_channels(unit: Unit, channels: torch.Tensor | list[int]) -> None:
+    """Make `channels` of the unit output 0 for good (BN scale and shift 0; the feeding conv's filters 0)."""
+    idx = torch.as_tensor(channels, dtype=torch.long, device=unit.norm.weight.device)
+    if idx.numel() == 0:
+        return
+    unit.norm.weight[idx] = 0
+    unit.norm.bias[idx] = 0
+    if unit.conv is not None:
+        unit.conv.weight[idx.to(unit.conv.weight.device)] = 0
+        if unit.conv.bias is not None:
+            unit.conv.bias[idx.to(unit.conv.bias.device)] = 0
+
+
+@torch.no_grad()
+def prune_conv_channels(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, channels: torch.Tensor | list[int]) -> None:
+    """Zero output channels of a conv (and of the BN that normalises it, whose shift would otherwise
+    leave a constant)."""
+    idx = torch.as_tensor(channels, dtype=torch.long, device=conv.weight.device)
+    if idx.numel() == 0:
+        return
+    conv.weight[idx] = 0
+    if conv.bias is not None:
+        conv.bias[idx] = 0
+    if norm is not None:
+        norm.weight[idx.to(norm.weight.device)] = 0
+        norm.bias[idx.to(norm.bias.device)] = 0
+
+
+class PrunedChannels:
+    """A record of pruned (unit, channel) pairs that can be re-applied after optimiser steps, so
+    fine-tuning after pruning cannot revive a pruned neuron."""
+
+    def __init__(self) -> None:
+        self._pruned: list[tuple[Unit, torch.Tensor]] = []
+
+    def add(self, unit: Unit, channels) -> None:
+        idx = torch.as_tensor(channels, dtype=torch.long)
+        if idx.numel():
+            self._pruned.append((unit, idx))
+            prune_unit_channels(unit, idx)
+
+    def enforce(self) -> None:
+        for unit, idx in self._pruned:
+            prune_unit_channels(unit, idx)
+
+    @property
+    def count(self) -> int:
+        return int(sum(idx.numel() for _, idx in self._pruned))
+
+
+def total_channels(units: list[Unit]) -> int:
+    return int(sum(u.channels for u in units))
+
+
+class SoftMasks:
+    """One learnable multiplicative mask per unit channel, applied to the BN output by forward hooks
+    while attached (ANP, RNP). Masks live in [0, 1] after `clamp_()`."""
+
+    def __init__(self, units: list[Unit], init: float = 1.0):
+        self.units = units
+        self.masks = [nn.Parameter(torch.full((u.channels,), float(init), device=u.norm.weight.device))
+                      for u in units]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.masks)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        for m in self.masks:
+            m.clamp_(0.0, 1.0)
+
+    @contextmanager
+    def attached(self) -> Iterator["SoftMasks"]:
+        handles = []
+        for unit, mask in zip(self.units, self.masks):
+            handles.append(unit.norm.register_forward_hook(
+                lambda _m, _inp, out, mask=mask: out * mask.view(1, -1, 1, 1).to(out.dtype)))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([m.detach().flatten() for m in self.masks])
+
+    def prune_below(self, threshold: float) -> int:
+        """Hard-prune every channel whose mask is below `threshold`; returns how many."""
+        count = 0
+        for unit, mask in zip(self.units, self.masks):
+            idx = torch.nonzero(mask.detach() < threshold).flatten().cpu()
+            prune_unit_channels(unit, idx)
+            count += int(idx.numel())
+        return count
+
+    def prune_lowest(self, number: int) -> int:
+        """Hard-prune the `number` channels with the lowest mask values over all units."""
+        if number <= 0:
+            return 0
+        values = self.flat()
+        order = values.argsort()[:number]
+        offsets = torch.tensor([0, *torch.tensor([u.channels for u in self.units]).cumsum(0).tolist()])
+        for i, unit in enumerate(self.units):
+            local = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
+            prune_unit_channels(unit, local.cpu())
+        return int(min(number, values.numel()))
+
+
+@contextmanager
+def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the latest forward output of each named module (for feature-based losses/statistics)."""
+    store: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, key=key: store.__setitem__(key, out))
+               for key, m in modules.items()]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
