@@ -32,32 +32,55 @@ class Unit:
         return self.norm.num_features
 
 
-def batchnorm_units(model: nn.Module) -> list[Unit]:
-    """Every BatchNorm2d of `model`, in registration order, paired with the conv registered right
-    before it when that conv's output width matches (conv -> BN, as in conv-BN-ReLU blocks and
-    PreAct blocks' conv1 -> bn2)."""
-    units: list[Unit] = []
-    previous: nn.Module | None = None
+def batchnorm_units(model: nn.Module, example: torch.Tensor) -> list[Unit]:
+    """Every BatchNorm2d of `model` in registration order, each paired with the conv whose output
+    tensor it normalises directly (conv -> BN in conv-BN-ReLU blocks, conv1 -> bn2 in PreAct blocks).
+    A BN fed by a sum (residual joins) or by anything else has no conv. The pairing is read from
+    one traced forward pass on `example` (a normalised model input, e.g. one batch or random noise
+    of the input shape), not guessed from module order."""
+    fed_by: dict[int, nn.Conv2d] = {}
+    outputs: dict[int, nn.Conv2d] = {}
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(
+                lambda m, _i, out: outputs.__setitem__(id(out), m)))
+        elif isinstance(module, NORM_TYPES):
+            handles.append(module.register_forward_pre_hook(
+                lambda m, inp: fed_by.__setitem__(id(m), outputs.get(id(inp[0])))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            # Keep every conv output alive during the trace so tensor ids cannot be reused.
+            kept: list[torch.Tensor] = []
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    handles.append(module.register_forward_hook(lambda _m, _i, out: kept.append(out)))
+            model(example[:1].to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    units = []
     for name, module in model.named_modules():
         if isinstance(module, NORM_TYPES):
-            conv = previous if isinstance(previous, nn.Conv2d) and previous.out_channels == module.num_features else None
-            units.append(Unit(name, module, conv))
-        if isinstance(module, (nn.Conv2d, *NORM_TYPES)):
-            previous = module
+            conv = fed_by.get(id(module))
+            units.append(Unit(name, module, conv if conv is not None and conv.out_channels == module.num_features
+                              else None))
     return units
 
 
-def require_batchnorm(model: nn.Module, method: str) -> list[Unit]:
-    units = batchnorm_units(model)
-    if not units:
+def require_batchnorm(model: nn.Module, method: str, example: torch.Tensor) -> list[Unit]:
+    if not any(isinstance(m, NORM_TYPES) for m in model.modules()):
         raise DefenseSkipped(f"{method} works on BatchNorm2d neurons and {type(model).__name__} has none")
-    return units
+    return batchnorm_units(model, example)
 
 
-def conv_units(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
-    """Every Conv2d with the BN that directly follows it (or None): the layers a data-free
-    channel analysis can read from weights alone."""
-    paired = {id(u.conv): u.norm for u in batchnorm_units(model) if u.conv is not None}
+def conv_units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
+    """Every Conv2d with the BN that directly normalises its output (or None): the layers a
+    channel analysis reads (CLP combines each conv with its BN)."""
+    paired = {id(u.conv): u.norm for u in batchnorm_units(model, example) if u.conv is not None}
     return [(name, m, paired.get(id(m))) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
