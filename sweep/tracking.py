@@ -6,6 +6,7 @@ present are found by that tag, so re-running a sweep never duplicates a run.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -88,6 +89,10 @@ class Tracker:
         timestamp = int(time.time() * 1000)
         metrics = [Metric(k, float(row[k]), timestamp, 0) for k in ("acc", "asr", "ra", "der", "rir", "wall_s")
                    if _is_number(row.get(k))]
+        diagnostics = _diagnostics(row.get("diagnostics"))
+        metrics += [Metric(f"diag_{k}", float(v), timestamp, 0) for k, v in diagnostics.items() if _is_number(v)]
+        tags.update({f"diag_{k}": json.dumps(v, default=str)[:5000] for k, v in diagnostics.items()
+                     if not _is_number(v) and v is not None})
         for record in marker.get("history", []):
             step = int(record.get("epoch", 0))
             metrics += [Metric(f"epoch_{k}", float(v), timestamp, step) for k, v in record.items()
@@ -102,6 +107,19 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status=status)
+
+
+def _diagnostics(value) -> dict:
+    """A defense's own diagnostics (JSON text in the row): numbers become metrics `diag_<key>`,
+    everything else (lists, names, flags) tags, so MLflow can sort and filter on them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:200]: (int(v) if isinstance(v, bool) else v) for k, v in value.items()}
 
 
 def _use_wal(uri: str) -> None:

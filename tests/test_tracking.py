@@ -1,4 +1,5 @@
 """MLflow tracking (real sqlite store): one run per cell, even after a driver died mid-logging."""
+import json
 import sqlite3
 
 from sweep.tracking import PARENT_TAG, Tracker, default_uri, make_tracker
@@ -54,3 +55,14 @@ def test_tracking_can_be_switched_off(tmp_path):
     tracker = make_tracker("none", "s", tmp_path)
     assert tracker.is_tracked("anything") and tracker.log_cell(marker()) is None
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_defense_cells_diagnostics_are_tracked(tmp_path):
+    tracker = Tracker(default_uri(tmp_path), "s", tmp_path)
+    m = marker("d1")
+    m["row"].update(stage="defense", defense="nc", diagnostics=json.dumps(
+        {"detected_targets": [3], "max_anomaly_index": 4.2, "flagged": True, "pruned_channels": 12}))
+    run = tracker.client.get_run(tracker.log_cell(m))
+    assert run.data.metrics["diag_max_anomaly_index"] == 4.2
+    assert run.data.metrics["diag_pruned_channels"] == 12 and run.data.metrics["diag_flagged"] == 1
+    assert json.loads(run.data.tags["diag_detected_targets"]) == [3]
