@@ -10,7 +10,7 @@ import yaml
 
 import bdcore
 from bdcore.attacks import attack_names
-from bdcore.defenses import defense_names
+from bdcore.defenses import DEFENSES, defense_names
 from sweep.grid import (
     GridError,
     dataset_fingerprint,
@@ -51,13 +51,13 @@ def by_axes(plan) -> dict:
 
 def test_quickstart_loads_and_expands():
     plan = expand(load_grid(GRIDS / "quickstart.yaml"))
-    assert (len(plan.attacks), len(plan.defenses), plan.total_cells) == (4, 4, 8)  # 2 attacks x 2 ratios, ft
+    assert (len(plan.attacks), len(plan.defenses), plan.total_cells) == (4, 16, 20)  # 2 attacks x 2 ratios x 4 defenses
     assert {(a.spec.attack, a.spec.ratio) for a in plan.attacks} == {
         ("badnet", 0.1), ("badnet", 0.05), ("blended", 0.1), ("blended", 0.05)}
     ft = plan.defenses[0]
     assert ft.spec.params == {"clean_fraction": 0.2, "epochs": 30, "batch_size": 64, "lr": 0.05}
     assert ft.resources.cpu == 1 and ft.resources.gpu == 0 and ft.retries == 1
-    assert all(len(plan.defenses_of(a.cell_id)) == 1 for a in plan.attacks)
+    assert all(len(plan.defenses_of(a.cell_id)) == 4 for a in plan.attacks)
     assert plan.warnings == []
 
 
@@ -67,7 +67,9 @@ def test_backdoorbench_cifar10_loads_and_plans(monkeypatch, tmp_path):
     plan = expand(load_grid(GRIDS / "backdoorbench-cifar10.yaml"))
     attacks = {a.spec.attack for a in plan.attacks}
     assert attacks == set(attack_names())  # every registered attack is on the grid
-    assert len(plan.attacks) == len(attacks) * 4 * 5 and len(plan.defenses) == len(plan.attacks)
+    post_training = {n for n in defense_names() if DEFENSES.get(n).kind == "post_training"}
+    assert {d.label for d in plan.defenses} == post_training  # every post-training defense is on the grid
+    assert len(plan.attacks) == len(attacks) * 4 * 5 and len(plan.defenses) == len(plan.attacks) * len(post_training)
     assert {a.spec.model for a in plan.attacks} == {"preactresnet18", "vgg19_bn", "convnext_tiny", "vit_b_16"}
     assert sorted({a.spec.ratio for a in plan.attacks}) == [0.001, 0.005, 0.01, 0.05, 0.1]
     assert plan.attacks[0].resources.gpu == 0.5 and plan.defenses[0].resources.gpu == 0.25
@@ -207,7 +209,7 @@ def error(text_or_grid) -> str:
     ("name: t\nname: u\n", "line 2: invalid YAML: duplicate key 'name'"),
     (base(ratio=[0.1]), "ratio: unknown key 'ratio' (accepted: name, datasets"),
     (base(attacks=["badnett"]), "attacks[0].name: unknown attack 'badnett' (known: adap_blend, adap_patch, badnet, blended"),
-    (base(defenses=["fp"]), "defenses[0].name: unknown defense 'fp' (known: ft"),
+    (base(defenses=["fpp"]), "defenses[0].name: unknown defense 'fpp' (known: anp, bnp, clp, ep, fp, ft, ft_sam"),
     (base(models=["resnet99"]), "models[0].name: unknown model 'resnet99' (known: "),
     (base(datasets=["cifar11"]), "datasets[0].name: unknown dataset 'cifar11' (known: cifar10, cifar100, digits"),
     (base(attacks=["badnet", {"name": "blended", "params": {"alpah": 0.2}}]),

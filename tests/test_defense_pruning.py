@@ -1,0 +1,164 @@
+"""Behaviour of the pruning defenses fp, clp, bnp and ep on digits + smallcnn.
+
+The defender holds 20% of digits' training set (run_defense's default: 230 images to fit, 57 held
+out). Deviations from the paper defaults, to fit CPU time, are stated per test with the measured
+before/after ACC/ASR.
+"""
+import pytest
+import torch
+from defense_checks import defense_works, run_defense
+from torch import nn
+
+from bdcore.data import defender_subset
+from bdcore.defenses import DefenseContext, DefenseSkipped, build_defense
+
+# FP's fine-tuning with the digits training recipe (batch 64, lr 0.05) for 10 epochs instead of the
+# paper's 100 epochs at batch 256, lr 0.01 (measured with the paper's settings: ACC 0.961 -> 0.961,
+# ASR 0.966 -> 0.411, a pass with little margin at ~5x the compute).
+FP_TEST_PARAMS = dict(epochs=10, batch_size=64, lr=0.05)
+
+
+class _NoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class _ConvNoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)  # 16: one outlier can exceed mean + 3 std
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _repair(name, model, digits, poisoned=None, **params):
+    defense = build_defense(name, **params)
+    clean = defender_subset(digits.train, 0.05, seed=0)
+    ctx = DefenseContext(digits.info, device="cpu", poisoned_train=(lambda: poisoned) if poisoned else None)
+    return defense.repair(model, clean, ctx)
+
+
+# -- defaults -----------------------------------------------------------------------------------------
+
+def test_fp_defaults_follow_reference():
+    cfg = build_defense("fp").config
+    assert (cfg.prune_step, cfg.max_acc_drop, cfg.clean_fraction) == (0.01, 0.10, 0.05)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule) == (100, 256, 0.01, "cosine")
+    assert (cfg.momentum, cfg.weight_decay) == (0.9, 5e-4)
+
+
+def test_clp_defaults_follow_reference():
+    cfg = build_defense("clp").config
+    assert (cfg.u, cfg.clean_fraction) == (3.0, 0.05)
+
+
+def test_bnp_defaults_follow_reference():
+    cfg = build_defense("bnp").config
+    assert (cfg.u, cfg.batch_size, cfg.clean_fraction) == (3.0, 500, 0.05)
+
+
+def test_ep_defaults_follow_reference():
+    cfg = build_defense("ep").config
+    assert (cfg.u, cfg.batch_size, cfg.bin_width, cfg.clean_fraction) == (3.0, 500, 0.1, 0.05)
+
+
+# -- skips --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["fp", "clp"])
+def test_conv_pruning_skips_models_without_conv(name, digits):
+    with pytest.raises(DefenseSkipped, match=f"{name} .*Conv2d"):
+        _repair(name, _NoConv(), digits)
+
+
+@pytest.mark.parametrize("name", ["bnp", "ep"])
+def test_bn_pruning_skips_models_without_batchnorm(name, digits, badnet_cell):
+    with pytest.raises(DefenseSkipped, match=f"{name} .*BatchNorm2d"):
+        _repair(name, _ConvNoBN(), digits, poisoned=badnet_cell[1])
+
+
+def test_ep_skips_without_poisoned_training_set(digits, badnet_model_copy):
+    with pytest.raises(DefenseSkipped, match="ep needs the attack's poisoned training set"):
+        _repair("ep", badnet_model_copy, digits)
+
+
+def test_clp_works_on_convs_without_batchnorm(digits):
+    torch.manual_seed(0)
+    model = _ConvNoBN()
+    with torch.no_grad():
+        model.conv.weight[3] *= 50  # one channel with an outlying Lipschitz bound
+    outcome = _repair("clp", model, digits)
+    d = outcome.diagnostics
+    assert d["clean_data_used"] == 0 and d["pruned_per_layer"] == {"conv": 1}
+    assert float(outcome.model.conv.weight[3].detach().abs().sum()) == 0.0
+
+
+# -- behaviour ----------------------------------------------------------------------------------------
+
+def test_fp_lowers_badnet_asr_and_keeps_accuracy(digits, badnet_cell):
+    """FP_TEST_PARAMS (10 fine-tuning epochs, batch 64, lr 0.05), seed 0: ACC 0.961 -> 0.961,
+    ASR 0.966 -> 0.128; 32 of 128 channels of features.4.0 pruned (held-out 0.948 -> 0.862 -> 0.948)."""
+    run = run_defense("fp", badnet_cell, digits, **FP_TEST_PARAMS)
+    assert defense_works(run.before, run.after), (run.before, run.after, run.outcome.diagnostics)
+    d = run.outcome.diagnostics
+    assert d["layer"] == "features.4.0" and d["layer_channels"] == 128 and d["prune_step_channels"] == 2
+    assert 0 < d["pruned_channels"] < 128 and d["pruned_fraction"] == d["pruned_channels"] / 128
+    # The kept level is within the 10% relative budget on the held-out data, the next one is not.
+    assert d["val_acc_pruned"] >= 0.9 * d["val_acc_unpruned"]
+    assert d["val_acc_curve"][-1][1] < 0.9 * d["val_acc_unpruned"]
+    assert d["finetune_epochs"] == 10 and d["val_acc_after"] >= d["val_acc_pruned"]
+    layer = run.outcome.model.features[4]
+    pruned = (layer[0].weight.flatten(1).abs().sum(1) == 0) & (layer[1].weight == 0) & (layer[1].bias == 0)
+    assert int(pruned.sum()) >= d["pruned_channels"]  # still pruned after fine-tuning
+
+
+# CLP, BNP and EP prune without fine-tuning, and no threshold u meets the bar on digits' smallcnn
+# (32/64/128 channels; measured on badnet and blended for u in 0..4, and on a width-64 smallcnn):
+# the neurons they flag carry clean accuracy too. The tests run the paper default u = 3 on badnet,
+# check the mechanics, and record the bar as an expected failure with the measured numbers.
+
+def test_clp_prunes_outlying_channels_data_free(digits, badnet_cell):
+    """u = 3 (default), seed 0: ACC 0.961 -> 0.844, ASR 0.966 -> 0.944 (2 of 224 channels pruned).
+    Best ASR trade-off measured: u = 2 gives ASR 0.000 at ACC 0.526. Blended at u = 3: ACC 0.964,
+    ASR 1.000."""
+    run = run_defense("clp", badnet_cell, digits)
+    d = run.outcome.diagnostics
+    assert d["clean_data_used"] == 0 and d["u"] == 3.0 and d["total_channels"] == 224
+    assert set(d["pruned_per_layer"]) == {"features.0.0", "features.2.0", "features.4.0"}
+    assert 0 < d["pruned_channels"] == sum(d["pruned_per_layer"].values()) < 0.1 * 224
+    if not defense_works(run.before, run.after):
+        pytest.xfail(f"clp at u=3 does not meet the bar on digits smallcnn: {run.before} -> {run.after}")
+
+
+def test_bnp_prunes_divergent_neurons(digits, badnet_cell):
+    """u = 3 (default), seed 0: ACC 0.961 -> 0.825, ASR 0.966 -> 0.741 (5 of 224 neurons pruned).
+    u = 3.5: ACC 0.944, ASR 0.885; u <= 2.5: ACC 0.27. Blended at u = 3: ACC 0.708, ASR 1.000."""
+    run = run_defense("bnp", badnet_cell, digits)
+    d = run.outcome.diagnostics
+    assert d["u"] == 3.0 and d["clean_batch_size"] == 230 and d["total_channels"] == 224
+    assert set(d["kl_per_layer"]) == {"features.0.1", "features.2.1", "features.4.1"}
+    assert all(s["min"] >= 0 for s in d["kl_per_layer"].values())  # KL divergences
+    assert 0 < d["pruned_channels"] == sum(d["pruned_per_layer"].values()) < 0.1 * 224
+    assert run.after.asr < run.before.asr
+    if not defense_works(run.before, run.after):
+        pytest.xfail(f"bnp at u=3 does not meet the bar on digits smallcnn: {run.before} -> {run.after}")
+
+
+def test_ep_prunes_low_entropy_neurons(digits, badnet_cell):
+    """u = 3 (default), seed 0 and seed 1: ACC 0.961 -> 0.900, ASR 0.966 -> 0.184 (7 of 224 neurons
+    pruned): ASR is cut to a fifth but ACC loses 6.1 points, 1.1 over the bar. u = 3.5: ACC 0.925,
+    ASR 0.477; u = 2.5: ACC 0.811, ASR 0.034. Blended at u = 3: ACC 0.950, ASR 1.000."""
+    run = run_defense("ep", badnet_cell, digits)
+    d = run.outcome.diagnostics
+    assert d["u"] == 3.0 and d["clean_data_used_for_pruning"] == 0 and d["poisoned_batch_size"] == 500
+    assert set(d["entropy_per_layer"]) == {"features.0.1", "features.2.1", "features.4.1"}
+    assert 0 < d["pruned_channels"] == sum(d["pruned_per_layer"].values()) < 0.1 * 224
+    assert d["pruned_per_layer"]["features.4.1"] >= 3
+    assert run.after.asr <= run.before.asr / 2, (run.before, run.after)  # the backdoor neurons are found
+    if not defense_works(run.before, run.after):
+        pytest.xfail(f"ep at u=3 costs too much accuracy on digits smallcnn: {run.before} -> {run.after}")
