@@ -38,10 +38,9 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.fixture(scope="session")
-def badnet_cell(digits):
-    """(attack, poisoned train set, backdoor test set, trained model, metrics) for badnet at 10%."""
-    attack = build_attack("badnet", digits.info, ratio=0.1)
+def _backdoored_cell(digits, attack_name: str):
+    """(attack, poisoned train set, backdoor test set, trained model, metrics) for `attack_name` at 10%."""
+    attack = build_attack(attack_name, digits.info, ratio=0.1)
     poisoned = attack.poison_train(digits.train)
     backdoor_test = attack.backdoor_test(digits.test)
     seed_everything(0)
@@ -49,6 +48,11 @@ def badnet_cell(digits):
     train_model(model, poisoned.data, digits.info, default_train_config("digits"), seed=0)
     metrics = backdoor_metrics(model, digits.test, backdoor_test, digits.info)
     return attack, poisoned, backdoor_test, model, metrics
+
+
+@pytest.fixture(scope="session")
+def badnet_cell(digits):
+    return _backdoored_cell(digits, "badnet")
 
 
 @pytest.fixture
@@ -58,15 +62,7 @@ def badnet_model_copy(badnet_cell):
 
 @pytest.fixture(scope="session")
 def blended_cell(digits):
-    """(attack, poisoned train set, backdoor test set, trained model, metrics) for blended at 10%."""
-    attack = build_attack("blended", digits.info, ratio=0.1)
-    poisoned = attack.poison_train(digits.train)
-    backdoor_test = attack.backdoor_test(digits.test)
-    seed_everything(0)
-    model = build_model("smallcnn", digits.info)
-    train_model(model, poisoned.data, digits.info, default_train_config("digits"), seed=0)
-    metrics = backdoor_metrics(model, digits.test, backdoor_test, digits.info)
-    return attack, poisoned, backdoor_test, model, metrics
+    return _backdoored_cell(digits, "blended")
 
 
 @pytest.fixture(scope="session")

@@ -20,27 +20,24 @@ other heads.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from pydantic import Field
 
 from bdcore.defenses._batches import Batches, defense_device, fine_tune, held_out_accuracy
 from bdcore.defenses._neurons import conv_units, prune_conv_channels
-from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, DefenseSkipped, PostTrainingDefense
+from bdcore.defenses.base import DefenseContext, DefenseOutcome, DefenseSkipped, PostTrainingDefense
+from bdcore.defenses.ft import FTConfig
 from bdcore.defenses.registry import register_defense
 from bdcore.train.loop import cross_entropy_step
 
 
-class FPConfig(DefenseConfig):
+class FPConfig(FTConfig):
+    """ft's fine-tuning recipe after the pruning step."""
+
     prune_step: float = Field(0.01, gt=0, le=1)  # share of the layer's channels pruned per step
     max_acc_drop: float = Field(0.10, ge=0, lt=1)  # relative held-out accuracy drop the pruning may cost
     epochs: int = Field(100, ge=0)  # fine-tuning after pruning (0: prune only)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.01, gt=0)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 @register_defense("fp")
