@@ -115,7 +115,8 @@ def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, ray_address
     deadline = time.time() + 240
     # Kill once the first cell has finished and another is training (a checkpoint on disk).
     while time.time() < deadline and proc.poll() is None:
-        if layout.finished_ids() and list((out / "work").rglob("checkpoint.safetensors")):
+        # An attack's checkpoint, not a defense's: only an attack killed mid-training shows its resume.
+        if layout.finished_ids() and list((out / "work" / "attacks").rglob("checkpoint.safetensors")):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
