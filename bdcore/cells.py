@@ -20,7 +20,7 @@ from bdcore.artifacts import ArtifactError, load_artifact, save_artifact
 from bdcore.attacks import Attack, AttackConfig, PoisonedTrainSet, attack_config, build_attack
 from bdcore.attacks.resources import ResourceStore
 from bdcore.data import DatasetInfo, DatasetSplits, defender_subset, load_dataset
-from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, build_defense, defense_config
+from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, InputFilter, build_defense, defense_config
 from bdcore.metrics import BackdoorMetrics, BackdoorTestSet, backdoor_metrics, defense_scores
 from bdcore.models import build_model
 from bdcore.train import TrainConfig, default_train_config, seed_everything, train_model
@@ -253,6 +253,11 @@ def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: 
         if method.kind == "post_training":
             clean = defender_subset(data.train, config.clean_fraction, seed=spec.seed)
             outcome = method.repair(cell.model, clean, ctx)
+        elif method.kind == "detector":
+            clean = defender_subset(data.train, config.clean_fraction, seed=spec.seed)
+            outcome = method.mitigate(cell.model, _rebuild_poisoned(cell, data), clean, ctx)
+            if isinstance(method, InputFilter):  # also screens test inputs in front of the backdoored model
+                outcome.diagnostics.update(method.filter_quality(cell.model, clean, data.test, backdoor_test.images, ctx))
         else:
             outcome = method.train(_rebuild_poisoned(cell, data), ctx)
     except DefenseSkipped as skipped:

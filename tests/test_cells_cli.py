@@ -124,6 +124,36 @@ def test_training_time_defense_gets_the_rebuilt_poisoned_set(finished):
     assert result.metrics.asr < 0.2 < result.undefended.asr
 
 
+def test_detector_cell_drops_flagged_samples_and_retrains(finished, digits):
+    """A detector as a defense cell: detection quality against the artifact's poison indices, then a
+    fresh model retrained without the flagged samples (the attack cell here trained 3 epochs)."""
+    from bdcore.cells import DefenseCellSpec, run_defense_cell
+
+    attack_dir = next((finished / "attacks").iterdir())
+    n_train = len(digits.train)
+    result = run_defense_cell(attack_dir, DefenseCellSpec(defense="ac"), finished)
+    assert result.status == "done", result.reason
+    d = result.diagnostics
+    assert d["n_samples"] == n_train and d["n_poison"] == len(load_attack_cell(attack_dir).poison_indices)
+    assert d["retrained_on"] == n_train - d["n_flagged"] and d["retrain_epochs"] == 3
+    assert d["detection_auroc"] >= 0.75, d  # a 3-epoch model (test_detectors.py measures the 10-epoch one)
+    assert result.metrics.asr <= result.undefended.asr / 2, (result.metrics, result.undefended)
+
+
+def test_input_filter_cell_reports_inference_screening(finished):
+    """strip is also an inference-time filter: its cell reports the rejection of triggered and clean
+    test inputs at the boundary set on the defender's clean subset."""
+    from bdcore.cells import DefenseCellSpec, run_defense_cell
+
+    attack_dir = next((finished / "attacks").iterdir())
+    result = run_defense_cell(attack_dir, DefenseCellSpec(defense="strip", params={"n_superimpose": 5}), finished)
+    assert result.status == "done", result.reason
+    d = result.diagnostics
+    for key in ("detection_auroc", "inference_tpr", "inference_frr", "inference_auroc"):
+        assert 0.0 <= d[key] <= 1.0, (key, d)
+    assert d["inference_frr_target"] == 0.05 and d["n_superimpose"] == 5
+
+
 def test_killed_attack_cell_resumes_at_its_epoch(tmp_path, digits):
     from bdcore.artifacts import read_metadata
     from bdcore.cells import run_attack_cell
