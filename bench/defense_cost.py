@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""What each post-training defense costs relative to ft, on the same backdoored cell, so a user can
-budget a grid: one attack cell is trained once, then every defense repairs a copy of its model with
-its paper defaults (or `--param`) and is timed; ft runs first and last, and each defense's time is
+"""What each defense costs relative to ft, on the same backdoored cell, so a user can budget a grid:
+one attack cell is trained once, then every defense runs with its paper defaults (or `--param`) and is
+timed (post-training defenses repair a copy of the model; detectors score the poisoned training set and
+retrain without what they flag; training-time defenses train from the poisoned set, both with the
+attack cell's training config); ft runs first and last, and each defense's time is
 given as a ratio to ft's mean (the machines are noisy; ratios travel better than seconds). ACC / ASR
 after each defense are printed too, measured on the test set, for orientation only.
 
-    .venv/bin/python bench/defense_cost.py                              # every post-training defense, digits + smallcnn
+    .venv/bin/python bench/defense_cost.py                              # every defense, digits + smallcnn
     .venv/bin/python bench/defense_cost.py --defenses fp nc anp --param anp.iterations=500 --json
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main() -> None:
 
     from bdcore.attacks import build_attack
     from bdcore.data import defender_subset, load_dataset
-    from bdcore.defenses import DEFENSES, DefenseContext, DefenseSkipped, build_defense, defense_names
+    from bdcore.defenses import DefenseContext, DefenseSkipped, build_defense, defense_names
     from bdcore.metrics import backdoor_metrics
     from bdcore.models import build_model
     from bdcore.train import default_train_config, seed_everything, train_model
@@ -52,7 +54,7 @@ def main() -> None:
     parser.add_argument("--model", default="smallcnn")
     parser.add_argument("--attack", default="badnet")
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--defenses", nargs="*", default=None, help="default: every post-training defense")
+    parser.add_argument("--defenses", nargs="*", default=None, help="default: every registered defense")
     parser.add_argument("--param", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
                         help="override a defense's config (repeatable); e.g. --param ft.epochs=20")
     parser.add_argument("--threads", type=int, default=2)
@@ -69,28 +71,38 @@ def main() -> None:
     seed_everything(0)
     victim = build_model(args.model, data.info)
     started = time.perf_counter()
-    train_model(victim, poisoned.data, data.info, default_train_config(args.dataset, device=args.device), seed=0)
+    train_config = default_train_config(args.dataset, device=args.device)
+    train_model(victim, poisoned.data, data.info, train_config, seed=0)
     victim_s = time.perf_counter() - started
     undefended = backdoor_metrics(victim, data.test, backdoor_test, data.info, device=args.device)
 
-    names = args.defenses or [n for n in defense_names() if DEFENSES.get(n).kind == "post_training"]
+    names = args.defenses or defense_names()
     names = [n for n in names if n != "ft"]
 
     def run(name: str) -> dict:
         defense = build_defense(name, **overrides.get(name, {}))
         clean = defender_subset(data.train, defense.config.clean_fraction, seed=0)
         with tempfile.TemporaryDirectory() as work:
-            ctx = DefenseContext(data.info, device=args.device, work_dir=Path(work), poisoned_train=lambda: poisoned)
+            ctx = DefenseContext(data.info, device=args.device, work_dir=Path(work), poisoned_train=lambda: poisoned,
+                                 model_factory=lambda: build_model(args.model, data.info), train_config=train_config)
             seed_everything(0)
             began = time.perf_counter()
             try:
-                outcome = defense.repair(copy.deepcopy(victim), clean, ctx)
+                if defense.kind == "post_training":
+                    outcome = defense.repair(copy.deepcopy(victim), clean, ctx)
+                elif defense.kind == "detector":
+                    outcome = defense.mitigate(copy.deepcopy(victim), poisoned, clean, ctx)
+                else:
+                    outcome = defense.train(poisoned, ctx)
             except DefenseSkipped as skipped:
                 return {"defense": name, "seconds": time.perf_counter() - began, "skipped": str(skipped)}
             seconds = time.perf_counter() - began
         after = backdoor_metrics(outcome.model, data.test, backdoor_test, data.info, device=args.device)
-        return {"defense": name, "seconds": seconds, "acc": after.acc, "asr": after.asr,
-                "params": defense.config.model_dump()}
+        row = {"defense": name, "kind": defense.kind, "seconds": seconds, "acc": after.acc, "asr": after.asr,
+               "params": defense.config.model_dump()}
+        if "detection_auroc" in outcome.diagnostics:
+            row["auroc"] = outcome.diagnostics["detection_auroc"]
+        return row
 
     baseline = [run("ft")]
     rows = [run(name) for name in names]
@@ -107,12 +119,13 @@ def main() -> None:
     print(f"{args.dataset} / {args.model} / {args.attack} {args.ratio:g}: victim trained in {victim_s:.1f} s, "
           f"ACC {undefended.acc:.3f} ASR {undefended.asr:.3f}")
     print(f"ft (the unit): {' and '.join(f'{s:.2f} s' for s in summary['ft_seconds'])} (first and last run)")
-    print(f"{'defense':<10}{'seconds':>10}{'x ft':>8}{'ACC':>8}{'ASR':>8}")
+    print(f"{'defense':<10}{'seconds':>10}{'x ft':>8}{'ACC':>8}{'ASR':>8}{'AUROC':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['defense']:<10}{'':>10}{'':>8}  skipped: {r['skipped']}")
         else:
-            print(f"{r['defense']:<10}{r['seconds']:>10.2f}{r['ft_ratio']:>8.2f}{r['acc']:>8.3f}{r['asr']:>8.3f}")
+            auroc = f"{r['auroc']:>8.3f}" if "auroc" in r else ""
+            print(f"{r['defense']:<10}{r['seconds']:>10.2f}{r['ft_ratio']:>8.2f}{r['acc']:>8.3f}{r['asr']:>8.3f}{auroc}")
 
 
 if __name__ == "__main__":
