@@ -146,6 +146,8 @@ def test_training_time_defense_skips_attacks_without_poisoned_data(name, digits,
     finally:
         del DEFENSES._entries["never_called_test"]
     assert result.status == "skipped" and "no poisoned training set" in result.reason
+    detector = run_defense_cell(cell.path, DefenseCellSpec(defense="ac"), tmp_path, device="cpu", data=data)
+    assert detector.status == "skipped" and "no poisoned training set" in detector.reason
 
 
 # -- behaviour on digits -------------------------------------------------------------------------
