@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from bdcore.analysis import latent_features
@@ -27,10 +28,13 @@ class LatentSets:
         return self.clean_features[self.clean_labels == label]
 
 
+def paper_removal_count(n: int, removal_factor: float, eps: float) -> int:
+    """How many of a label's n samples the spectral-signature papers remove: ceil(factor * eps * n)."""
+    return min(n, int(np.ceil(removal_factor * eps * n)))
+
+
 def all_clean(clean: DefenderData) -> ImageSet:
     """The defender's fit and held-out parts together."""
-    import torch
-
     return ImageSet(torch.cat([clean.train.images, clean.val.images]), torch.cat([clean.train.labels, clean.val.labels]))
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from bdcore.defenses._latent import latent_sets
+from bdcore.defenses._latent import latent_sets, paper_removal_count
 from bdcore.defenses.base import DefenseConfig
 from bdcore.defenses.detection import Detection, PoisonDetector
 from bdcore.defenses.registry import register_defense
@@ -63,7 +63,7 @@ class SpectralSignatures(PoisonDetector):
                 chosen = rows[score > threshold]
             else:
                 threshold = None
-                n_remove = min(len(rows), int(np.ceil(cfg.removal_factor * cfg.eps * len(rows))))
+                n_remove = paper_removal_count(len(rows), cfg.removal_factor, cfg.eps)
                 chosen = rows[np.argsort(-score, kind="stable")[:n_remove]]
             flagged[chosen] = True
             per_label[str(int(label))] = {"size": len(rows), "flagged": len(chosen), "threshold": threshold,

@@ -51,7 +51,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from bdcore.defenses._latent import latent_sets
+from bdcore.defenses._latent import latent_sets, paper_removal_count
 from bdcore.defenses.base import DefenseConfig
 from bdcore.defenses.detection import Detection, PoisonDetector
 from bdcore.defenses.registry import register_defense
@@ -162,7 +162,7 @@ class Spectre(PoisonDetector):
             x = sets.features[rows]
             _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
             d_max = min(max(cfg.k_grid), vt.shape[0], len(rows) - 2)
-            n_remove = min(len(rows), int(np.ceil(cfg.removal_factor * cfg.eps * len(rows))))
+            n_remove = paper_removal_count(len(rows), cfg.removal_factor, cfg.eps)
             grid = sorted({min(k, d_max) for k in cfg.k_grid}) if cfg.k == "auto" else [min(cfg.k, d_max)]
             full = (x - x.mean(0)) @ vt[:d_max].T
             best = None
@@ -197,7 +197,7 @@ class Spectre(PoisonDetector):
                 if info["que_anomaly_index"] > cfg.label_threshold:
                     flagged[rows[scores[rows] > null_quantiles[label]]] = True
             else:
-                n_remove = min(len(rows), int(np.ceil(cfg.removal_factor * cfg.eps * len(rows))))
+                n_remove = paper_removal_count(len(rows), cfg.removal_factor, cfg.eps)
                 flagged[rows[np.argsort(-scores[rows], kind="stable")[:n_remove]]] = True
         for label, info in per_label.items():
             info["flagged"] = int(flagged[sets.rows(int(label))].sum())
