@@ -106,7 +106,11 @@ def test_grid_runs_fails_cleanly_and_resumes_without_repeating(tmp_path, ray_add
 def test_killed_driver_resumes_without_losing_or_repeating(tmp_path, ray_address):
     out = tmp_path / "out"
     grid = tmp_path / "grid.yaml"
-    grid.write_text(grid_text(name="killed", epochs=8))
+    # blended trains far longer than badnet: when badnet's cell finishes, blended is mid-training, and
+    # a Ray worker orphaned by the kill cannot finish it before the cluster reaps it (with equal
+    # lengths both attacks ended together and the "resumed" one could be completed by the orphan).
+    grid.write_text(grid_text(name="killed", epochs=8)
+                    + "overrides:\n  - match: {attack: blended}\n    train: {epochs: 30}\n")
     plan = expand(parse_grid(grid.read_text()))
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "sweep.cli", "run", str(grid), "--out", str(out), "--address", ray_address, "--quiet"]
