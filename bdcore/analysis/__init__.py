@@ -1,4 +1,10 @@
 """Analyses of trained models: how separable poison samples are in latent space (separation.py)."""
-from bdcore.analysis.separation import SeparationScore, latent_features, poison_separation, separation_score
+from bdcore.analysis.separation import (
+    SeparationScore,
+    final_linear,
+    latent_features,
+    poison_separation,
+    separation_score,
+)
 
-__all__ = ["SeparationScore", "latent_features", "poison_separation", "separation_score"]
+__all__ = ["SeparationScore", "final_linear", "latent_features", "poison_separation", "separation_score"]

@@ -52,7 +52,8 @@ class SeparationScore:
         return asdict(self)
 
 
-def _final_linear(model: nn.Module) -> nn.Linear:
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The model's last nn.Linear: its input is the penultimate feature vector."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear head; pass `layer` to latent_features")
@@ -71,7 +72,7 @@ def latent_features(model: nn.Module, images: torch.Tensor, info: DatasetInfo, l
     dev = pick_device(str(device) if device is not None else None)
     captured: list[torch.Tensor] = []
     if layer is None:
-        handle = _final_linear(model).register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+        handle = final_linear(model).register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
     else:
         module = dict(model.named_modules())[layer] if isinstance(layer, str) else layer
         handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
