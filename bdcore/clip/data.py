@@ -1,0 +1,96 @@
+"""Image-text data: a caption table (CSV or Parquet: image path + caption, e.g. a CC3M-style subset in a
+local folder), or captions generated from a classification dataset with prompt templates."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bdcore.data.base import ImageSet
+
+# CLIP's zero-shot prompt, the template CleanCLIP / BadCLIP caption classification data with.
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+IMAGE_COLUMNS = ("image", "filepath", "image_path", "path")
+CAPTION_COLUMNS = ("caption", "title", "text")
+
+
+@dataclass
+class ImageTextSet:
+    """uint8 images (N x C x H x W) with one caption each; `labels` when the captions come from classes."""
+
+    images: torch.Tensor
+    captions: list[str]
+    labels: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise TypeError("ImageTextSet.images must be a uint8 N x C x H x W tensor")
+        if len(self.captions) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.captions)} captions")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, indices) -> ImageTextSet:
+        idx = torch.as_tensor(indices, dtype=torch.long).cpu()
+        labels = self.labels[idx] if self.labels is not None else None
+        return ImageTextSet(self.images[idx], [self.captions[i] for i in idx.tolist()], labels, dict(self.meta))
+
+
+def captions_from_classes(data: ImageSet, class_names: tuple[str, ...] | list[str],
+                          templates: tuple[str, ...] | list[str] = DEFAULT_TEMPLATES, seed: int = 0) -> ImageTextSet:
+    """One caption per image: a template (drawn at random when several) filled with its class name."""
+    if not class_names:
+        raise ValueError("captions need class names; this dataset's info has none")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every prompt template needs a '{}' where the class name goes, e.g. 'a photo of a {}.'")
+    generator = torch.Generator().manual_seed(seed)
+    choice = torch.randint(0, len(templates), (len(data),), generator=generator).tolist()
+    labels = data.labels.cpu()
+    captions = [templates[c].format(class_names[int(y)]) for c, y in zip(choice, labels.tolist())]
+    return ImageTextSet(data.images.cpu(), captions, labels.clone(), {"templates": list(templates)})
+
+
+def load_caption_table(path: str | Path, image_root: str | Path | None = None, image_size: int = 224,
+                       limit: int | None = None) -> ImageTextSet:
+    """Read a CSV/Parquet caption table; image paths are relative to `image_root` (default: the table's
+    folder). Images are resized to image_size x image_size RGB."""
+    import pandas as pd
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption table {str(path)!r} does not exist; expected a CSV or Parquet file with "
+                                f"an image path column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
+                                f"({'/'.join(CAPTION_COLUMNS)})")
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+    elif path.suffix in (".csv", ".tsv"):
+        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    else:
+        raise ValueError(f"caption table {str(path)!r}: use a .csv, .tsv or .parquet file")
+    image_col = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in table.columns), None)
+    if image_col is None or caption_col is None:
+        raise ValueError(f"caption table {str(path)!r} has columns {list(table.columns)}; it needs one of "
+                         f"{list(IMAGE_COLUMNS)} and one of {list(CAPTION_COLUMNS)}")
+    if limit is not None:
+        table = table.iloc[:limit]
+    root = Path(image_root) if image_root is not None else path.parent
+    images = []
+    for row, rel in enumerate(table[image_col].astype(str)):
+        file = (root / rel).resolve()
+        if not file.is_relative_to(root.resolve()):
+            raise ValueError(f"caption table row {row}: image path {rel!r} leaves the image folder {str(root)!r}")
+        try:
+            with Image.open(file) as img:
+                arr = np.asarray(img.convert("RGB").resize((image_size, image_size), Image.BICUBIC))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"caption table row {row}: cannot read image {str(file)!r}: {exc}") from exc
+        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    if not images:
+        raise ValueError(f"caption table {str(path)!r} has no rows")
+    return ImageTextSet(torch.stack(images), table[caption_col].astype(str).tolist(), None, {"source": str(path)})
