@@ -42,11 +42,12 @@ Measured on digits, badnet 10%, smallcnn (undefended ACC 0.961 / ASR 0.966), see
   poison samples have a target-label nearest neighbour (the target label holds 19% of the set).
 - The paper's warm-up lr 0.002 leaves the head unfit in digits' 230 steps (SCE 2.96, split AUROC 0.52);
   lr 0.1: SCE 1.41, split AUROC 0.93, 135 of the 144 poison samples unlabeled.
-- Test schedule (tests/test_defense_dbd.py: the above, MixMatch 10 epochs x 20 iterations): ACC 0.883 /
-  ASR 0.006 / RA 0.872 (2 threads), 0.919 / 0.003 (1 thread); with 40 iterations 0.861-0.964 depending
-  on threads and seed. The backdoor goes every time; clean accuracy needs far more MixMatch iterations
-  than a CPU test affords (the paper runs ~2 x 10^5).
-- 77 s on 2 idle threads at the test schedule (25.7 x ft in bench/defense_cost.py).
+- Test schedule (tests/test_defense_dbd.py: SimCLR 10 epochs, warm-up lr 0.1, MixMatch 10 epochs x 12
+  iterations): split AUROC 0.89, ACC 0.944 / ASR 0.003 / RA 0.935 (2 threads). With SimCLR 15 epochs and
+  20 iterations: 0.883 / 0.006 (2 threads), 0.919 / 0.003 (1 thread); with 40 iterations 0.861-0.964
+  depending on threads and seed. The backdoor goes every time; clean accuracy varies with so few
+  MixMatch iterations (the paper runs ~2 x 10^5).
+- 77 s on 2 idle threads with SimCLR 15 epochs and 10 x 20 iterations (25.7 x ft in bench/defense_cost.py).
 
 The poison indices are read only for the diagnostics (split quality), never by the method.
 """
