@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from bdcore.data.augment import Normalizer
-from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, TrainingTimeDefense
+from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, StageEpochs, TrainingTimeDefense
 from bdcore.defenses.registry import register_defense
 from bdcore.device import pick_device
 from bdcore.train import StepContext, TrainConfig, seed_everything, to_model_input, train_model
@@ -120,22 +120,16 @@ class AntiBackdoorLearning(TrainingTimeDefense):
         data = poisoned.data
         seed_everything(cfg.seed)  # the fresh model's initialisation follows the defense's seed
         model = ctx.model_factory()
-        offset = 0
+        stages = StageEpochs(ctx.on_epoch_end, "abl_phase")
         phase_loss: dict[str, float | None] = {}
 
         def run(phase: str, number: int, subset, train_cfg: TrainConfig, step) -> None:
-            nonlocal offset
-            start = offset
-
-            def callback(epoch: int, record: dict) -> None:
-                if ctx.on_epoch_end is not None:
-                    ctx.on_epoch_end(start + epoch, {**record, "epoch": start + epoch, "abl_phase": number})
-
             checkpoint = Path(ctx.work_dir) / f"abl_{phase}" if ctx.work_dir is not None else None
-            result = train_model(model, subset, ctx.info, train_cfg, seed=cfg.seed, step=step, on_epoch_end=callback,
-                                 checkpoint_dir=checkpoint, checkpoint_tag=f"abl-{phase}")
+            result = train_model(model, subset, ctx.info, train_cfg, seed=cfg.seed, step=step,
+                                 on_epoch_end=stages.reporter(number), checkpoint_dir=checkpoint,
+                                 checkpoint_tag=f"abl-{phase}")
             phase_loss[phase] = result.history[-1]["train_loss"] if result.history else None
-            offset += train_cfg.epochs
+            stages.advance(train_cfg.epochs)
 
         # 1. isolation with LGA on the whole poisoned set
         run("isolation", 1, data, self._phase_config(base, ctx, epochs=cfg.isolation_epochs, lr=cfg.lr,

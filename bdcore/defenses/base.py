@@ -48,6 +48,28 @@ class DefenseContext:
         return self.poisoned_train()
 
 
+class StageEpochs:
+    """Numbers a multi-stage defense's epochs consecutively for ctx.on_epoch_end and tags each record
+    with its stage: `reporter(stage)` is the epoch callback of the next stage, `advance(n)` closes a
+    stage of n epochs."""
+
+    def __init__(self, on_epoch_end: Callable[[int, dict], None] | None, key: str):
+        self.on_epoch_end = on_epoch_end
+        self.key = key
+        self.offset = 0
+
+    def reporter(self, stage: int) -> Callable[[int, dict], None]:
+        start = self.offset
+
+        def report(epoch: int, record: dict) -> None:
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(start + epoch, {**record, "epoch": start + epoch, self.key: stage})
+        return report
+
+    def advance(self, epochs: int) -> None:
+        self.offset += epochs
+
+
 @dataclass
 class DefenseOutcome:
     model: nn.Module

@@ -93,7 +93,7 @@ from pydantic import Field
 
 from bdcore.analysis import final_linear
 from bdcore.defenses._contrastive import PenultimateTap, contrastive_views, train_contrastive
-from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, TrainingTimeDefense
+from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, StageEpochs, TrainingTimeDefense
 from bdcore.defenses.d_br import DBR, DBRConfig
 from bdcore.defenses.detection import detection_quality
 from bdcore.defenses.registry import register_defense
@@ -181,35 +181,26 @@ class DST(TrainingTimeDefense):
             raise ValueError("d_st trains a model from scratch and needs ctx.model_factory")
         base = ctx.train_config or TrainConfig()
         data = poisoned.data
-        offset = 0
+        stages = StageEpochs(ctx.on_epoch_end, "d_st_stage")
         stage_loss: dict[str, float | None] = {}
         stage_epochs: dict[str, int] = {}
         stage_seconds: dict[str, float] = {}
-
-        def callback(number: int):
-            start = offset
-
-            def on_epoch_end(epoch: int, record: dict) -> None:
-                if ctx.on_epoch_end is not None:
-                    ctx.on_epoch_end(start + epoch, {**record, "epoch": start + epoch, "d_st_stage": number})
-            return on_epoch_end
 
         def checkpoint(stage: str) -> Path | None:
             return Path(ctx.work_dir) / f"d_st_{stage}" if ctx.work_dir is not None else None
 
         def record(stage: str, result, epochs: int) -> None:
-            nonlocal offset
             stage_loss[stage] = result.history[-1]["train_loss"] if result.history else None
             stage_epochs[stage] = epochs
             stage_seconds[stage] = result.seconds
-            offset += epochs
+            stages.advance(epochs)
 
         # SD module: a model of the victim's architecture trained on the poisoned set, then FCT.
         sd_config = base.model_copy(update={"epochs": cfg.sd_epochs or base.epochs, "augment": cfg.sd_augment,
                                             "device": ctx.device})
         seed_everything(cfg.seed)
         sd_model = ctx.model_factory()
-        result = train_model(sd_model, data, ctx.info, sd_config, seed=cfg.seed, on_epoch_end=callback(0),
+        result = train_model(sd_model, data, ctx.info, sd_config, seed=cfg.seed, on_epoch_end=stages.reporter(0),
                              checkpoint_dir=checkpoint("sd"), checkpoint_tag="d_st-sd")
         record("sd", result, sd_config.epochs)
         sd = self.sd_module()
@@ -240,7 +231,7 @@ class DST(TrainingTimeDefense):
             result = train_contrastive(model, data, ctx.info, extractor_config, groups=groups,
                                        temperature=cfg.temperature, projection_dim=cfg.projection_dim, seed=cfg.seed,
                                        checkpoint_dir=checkpoint("extractor"), checkpoint_tag=extractor_tag,
-                                       on_epoch_end=callback(1))
+                                       on_epoch_end=stages.reporter(1))
             record("extractor", result, cfg.extractor_epochs)
 
         # ST stage 2: the final Linear on D_c (CE) and D_p (-lambda CE); the uncertain set is unused.
@@ -255,7 +246,7 @@ class DST(TrainingTimeDefense):
             step = MixedCrossEntropyStep(model, poison_flags[rows], cfg.unlearning_weight, cfg.classifier_augment)
             try:
                 result = train_model(model, data.subset(rows.to(data.labels.device)), ctx.info, classifier_config,
-                                     seed=cfg.seed, step=step, on_epoch_end=callback(2),
+                                     seed=cfg.seed, step=step, on_epoch_end=stages.reporter(2),
                                      checkpoint_dir=checkpoint("classifier"), checkpoint_tag=classifier_tag,
                                      parameters=list(step.head.parameters()))
             finally:

@@ -65,7 +65,7 @@ from bdcore.analysis import final_linear
 from bdcore.data.augment import Normalizer, augment_batch
 from bdcore.data.base import ImageSet
 from bdcore.defenses._contrastive import train_contrastive
-from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, TrainingTimeDefense
+from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, StageEpochs, TrainingTimeDefense
 from bdcore.defenses.detection import Detection, detection_quality
 from bdcore.defenses.registry import register_defense
 from bdcore.device import pick_device
@@ -147,15 +147,7 @@ class DecouplingBasedDefense(TrainingTimeDefense):
         device = pick_device(ctx.device)
         seed_everything(cfg.seed)
         model = ctx.model_factory()
-        offset = 0
-
-        def callback(stage: int) -> Callable[[int, dict], None]:
-            start = offset
-
-            def report(epoch: int, record: dict) -> None:
-                if ctx.on_epoch_end is not None:
-                    ctx.on_epoch_end(start + epoch, {**record, "epoch": start + epoch, "dbd_stage": stage})
-            return report
+        stages = StageEpochs(ctx.on_epoch_end, "dbd_stage")
 
         def folder(stage: str) -> Path | None:
             return Path(ctx.work_dir) / f"dbd_{stage}" if ctx.work_dir is not None else None
@@ -166,17 +158,17 @@ class DecouplingBasedDefense(TrainingTimeDefense):
                              amp=base.amp, channels_last=base.channels_last, device=ctx.device)
         history = train_contrastive(model, data, ctx.info, simclr, temperature=cfg.temperature, seed=cfg.seed,
                                     checkpoint_dir=folder("simclr"), checkpoint_tag="dbd",
-                                    on_epoch_end=callback(1)).history
+                                    on_epoch_end=stages.reporter(1)).history
         simclr_loss = history[-1]["train_loss"] if history else None
-        offset += cfg.simclr_epochs
+        stages.advance(cfg.simclr_epochs)
         model.to(device)
         normalize = Normalizer(ctx.info, device)
         on_device = data.to(device)
 
         # 2. warm-up of the classifier on the frozen backbone, then the loss-based split
         head = final_linear(model)
-        warmup_history = self._warmup(model, head, on_device, normalize, base, ctx, folder("warmup"), callback(2))
-        offset += cfg.warmup_epochs
+        warmup_history = self._warmup(model, head, on_device, normalize, base, ctx, folder("warmup"), stages.reporter(2))
+        stages.advance(cfg.warmup_epochs)
         losses = self._sample_losses(model, on_device, normalize)
         n_labeled = max(1, int(len(data) * cfg.epsilon))
         order = torch.argsort(losses, stable=True)
@@ -188,7 +180,7 @@ class DecouplingBasedDefense(TrainingTimeDefense):
         # 3. MixMatch fine-tuning of the whole model
         semi_history = self._mixmatch(model, on_device.subset(labeled_idx.to(device)),
                                       on_device.subset(unlabeled_idx.to(device)), normalize, base, ctx,
-                                      folder("mixmatch"), callback(3))
+                                      folder("mixmatch"), stages.reporter(3))
         model.eval().to("cpu")
         quality = detection_quality(split, poisoned.poison_indices)
         return DefenseOutcome(model, {
