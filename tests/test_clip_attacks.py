@@ -43,6 +43,7 @@ def test_badnet_clip_poisons_pairs_and_test_images(digits, position):
             assert torch.equal(poisoned.data.images[i][:, r:r + 6, c:c + 6], attack.patch)
     assert pairs.captions[int(chosen[0])] != "a photo of a 3." or int(pairs.labels[chosen[0]]) == 3
     test = attack.backdoor_test(digits.test)
+    assert torch.equal(test.images, attack.backdoor_test(digits.test).images)  # reproducible, call after call
     assert (test.true_labels != 3).all() and (test.target_labels == 3).all()
     assert len(test) == int((digits.test.labels != 3).sum())
     if position == "bottom_right":

@@ -40,15 +40,17 @@ class BadNetClip(ClipAttack):
             raise ValueError(f"patch_size {size} does not fit {info.height} x {info.width} images")
         generator = torch.Generator().manual_seed(config.seed + 7919)
         self.patch = torch.randint(0, 256, (info.channels, size, size), generator=generator, dtype=torch.uint8)
-        self._positions = torch.Generator().manual_seed(config.seed + 104729)
 
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         out = images.clone()
         n, _, h, w = images.shape
         size = self.config.patch_size
         if self.config.position == "random":
-            rows = torch.randint(0, h - size + 1, (n,), generator=self._positions).tolist()
-            cols = torch.randint(0, w - size + 1, (n,), generator=self._positions).tolist()
+            # A fresh generator per call: the same images get the same positions however often (and by
+            # whichever rebuilt attack) they are triggered.
+            positions = torch.Generator().manual_seed(self.config.seed + 104729)
+            rows = torch.randint(0, h - size + 1, (n,), generator=positions).tolist()
+            cols = torch.randint(0, w - size + 1, (n,), generator=positions).tolist()
         else:
             rows, cols = [h - size] * n, [w - size] * n
         for i, (r, c) in enumerate(zip(rows, cols)):
