@@ -16,11 +16,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bdcore.artifacts import ArtifactError, load_artifact, save_artifact
-from bdcore.attacks import Attack, AttackConfig, PoisonedTrainSet, attack_config, build_attack
+from bdcore.artifacts import ArtifactError, load_artifact, read_metadata, save_artifact
+from bdcore.attacks import Attack, PoisonedTrainSet, attack_config, build_attack
+from bdcore.attacks.registry import ATTACKS, attack_names
 from bdcore.attacks.resources import ResourceStore
+from bdcore.clip.attacks import CLIP_ATTACKS, clip_attack_config, clip_attack_names
+from bdcore.clip.defenses import CLIP_DEFENSES, clip_defense_config, clip_defense_names
+from bdcore.clip.models import is_clip_model
 from bdcore.data import DatasetInfo, DatasetSplits, defender_subset, load_dataset
-from bdcore.defenses import DefenseConfig, DefenseContext, DefenseSkipped, InputFilter, build_defense, defense_config
+from bdcore.defenses import DefenseContext, DefenseSkipped, InputFilter, build_defense, defense_config
+from bdcore.defenses.registry import DEFENSES, defense_names
 from bdcore.metrics import BackdoorMetrics, BackdoorTestSet, backdoor_metrics, defense_scores
 from bdcore.models import build_model
 from bdcore.train import TrainConfig, default_train_config, seed_everything, train_model
@@ -32,6 +37,52 @@ _RUNTIME_ONLY = {"device"}
 
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- method families: image-classifier methods run on classifier models, CLIP methods on `clip:` models --
+
+def attack_method_names() -> list[str]:
+    """Every registered attack: image-classifier attacks and CLIP attacks."""
+    return sorted(attack_names() + clip_attack_names())
+
+
+def defense_method_names() -> list[str]:
+    return sorted(defense_names() + clip_defense_names())
+
+
+def attack_config_class(name: str) -> type[BaseModel]:
+    return (CLIP_ATTACKS if name in clip_attack_names() else ATTACKS).get(name).config_class
+
+
+def defense_config_class(name: str) -> type[BaseModel]:
+    return (CLIP_DEFENSES if name in clip_defense_names() else DEFENSES).get(name).config_class
+
+
+def train_config_class(model: str) -> type[BaseModel]:
+    """The type of an attack cell's `train` settings for `model`."""
+    if is_clip_model(model):
+        from bdcore.clip.cells import ClipCellTrain
+
+        return ClipCellTrain
+    return TrainConfig
+
+
+def compatibility_problem(model: str, attack: str, defense: str | None = None) -> str | None:
+    """Why `attack` (and `defense`) cannot run on `model`, or None: CLIP methods need a `clip:` model
+    and image-classifier methods an image classifier."""
+    clip = is_clip_model(model)
+    family = "a CLIP model" if clip else "an image classifier"
+    if clip != (attack in clip_attack_names()):
+        kind = "a CLIP attack" if not clip else "an image-classifier attack"
+        return (f"attack {attack!r} is {kind} and model {model!r} is {family}: "
+                f"{'CLIP' if not clip else 'image-classifier'} attacks need "
+                f"{'a clip:<arch> model' if not clip else 'an image classifier'}")
+    if defense is not None and clip != (defense in clip_defense_names()):
+        kind = "a CLIP defense" if not clip else "an image-classifier defense"
+        return (f"defense {defense!r} is {kind} and model {model!r} is {family}: "
+                f"{'CLIP' if not clip else 'image-classifier'} defenses need "
+                f"{'a clip:<arch> model' if not clip else 'an image classifier'}")
+    return None
 
 
 class AttackCellSpec(BaseModel):
@@ -51,11 +102,31 @@ class AttackCellSpec(BaseModel):
     data_root: str | None = None  # where the dataset lives; not part of the key
     pretrained: str | None = None  # local weights file to start from
 
-    def attack_config(self) -> AttackConfig:
+    @property
+    def is_clip(self) -> bool:
+        return is_clip_model(self.model)
+
+    def attack_config(self):
+        """The attack's typed config (a CLIP attack's for `clip:` models); raises for a bad parameter
+        or an attack of the other model family."""
+        problem = compatibility_problem(self.model, self.attack)
+        if problem:
+            raise ValueError(problem)
+        if self.is_clip:
+            if self.label_mode != "all2one":
+                raise ValueError(f"CLIP attack {self.attack!r} poisons captions toward one target class: label_mode "
+                                 f"must be 'all2one', got {self.label_mode!r}")
+            return clip_attack_config(self.attack, ratio=self.ratio, target=self.target, seed=self.seed,
+                                      **self.attack_params)
         return attack_config(self.attack, ratio=self.ratio, target=self.target, label_mode=self.label_mode,
                              seed=self.seed, **self.attack_params)
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self):
+        """TrainConfig for image classifiers, bdcore.clip.cells.ClipCellTrain for CLIP models."""
+        if self.is_clip:
+            from bdcore.clip.cells import ClipCellTrain
+
+            return ClipCellTrain(**self.train)
         return default_train_config(self.dataset, **self.train)
 
     def key(self) -> str:
@@ -77,8 +148,10 @@ class DefenseCellSpec(BaseModel):
     defense: str
     params: dict[str, Any] = Field(default_factory=dict)
 
-    def config(self, seed: int) -> DefenseConfig:
+    def config(self, seed: int):
         params = {"seed": seed, **self.params}
+        if self.defense in clip_defense_names():
+            return clip_defense_config(self.defense, **params)
         return defense_config(self.defense, **params)
 
     def key(self, attack_key: str, seed: int) -> str:
@@ -158,6 +231,10 @@ def run_attack_cell(spec: AttackCellSpec, out_dir: str | Path, device: str = "au
                     data: DatasetSplits | None = None) -> AttackCellResult:
     """Train the backdoored model of `spec` (resuming from its last epoch checkpoint) or reuse
     its saved artifact."""
+    if spec.is_clip:
+        from bdcore.clip.cells import run_clip_attack_cell
+
+        return run_clip_attack_cell(spec, out_dir, device=device, on_epoch_end=on_epoch_end, data=data)
     started = time.perf_counter()
     folder = attack_cell_dir(out_dir, spec)
     key = spec.key()
@@ -210,6 +287,9 @@ def load_attack_cell(folder: str | Path) -> LoadedAttackCell:
     meta = artifact.metadata
     if meta.get("kind") != "attack":
         raise ArtifactError(f"{str(folder)!r} is a {meta.get('kind')!r} artifact, not an attack cell")
+    if meta.get("family") == "clip":
+        raise ArtifactError(f"{str(folder)!r} is a CLIP attack cell: load it with "
+                            "bdcore.clip.cells.load_clip_attack_cell")
     spec = AttackCellSpec(**meta["spec"])
     info = DatasetInfo.from_dict(meta["dataset_info"])
     model = build_model(spec.model, info)
@@ -229,6 +309,14 @@ def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: 
                      data: DatasetSplits | None = None) -> DefenseCellResult:
     """Apply `defense` to the backdoored model saved at `attack_dir` and score it against the
     undefended model (ACC / ASR / RA, DER, RIR), or reuse the saved result."""
+    attack_spec = AttackCellSpec(**read_metadata(attack_dir).get("spec", {}))
+    problem = compatibility_problem(attack_spec.model, attack_spec.attack, defense.defense)
+    if problem:
+        raise ValueError(problem)
+    if attack_spec.is_clip:
+        from bdcore.clip.cells import run_clip_defense_cell
+
+        return run_clip_defense_cell(attack_dir, defense, out_dir, device=device, on_epoch_end=on_epoch_end, data=data)
     started = time.perf_counter()
     cell = load_attack_cell(attack_dir)
     spec = cell.spec

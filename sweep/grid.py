@@ -49,12 +49,20 @@ from pydantic import (
 )
 
 import bdcore
-from bdcore.attacks.registry import ATTACKS, attack_names
-from bdcore.cells import AttackCellSpec, DefenseCellSpec
+from bdcore.cells import (
+    AttackCellSpec,
+    DefenseCellSpec,
+    attack_config_class,
+    attack_method_names,
+    compatibility_problem,
+    defense_config_class,
+    defense_method_names,
+    train_config_class,
+)
+from bdcore.clip.models import CLIP_PREFIX, clip_arch_names, is_clip_model
 from bdcore.data.registry import dataset_names, dataset_root
-from bdcore.defenses.registry import DEFENSES, defense_names
 from bdcore.models.registry import model_names
-from bdcore.train.config import TrainConfig, default_train_config
+from bdcore.train.config import default_train_config
 from sweep.layout import SweepLayout
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -110,9 +118,24 @@ def _registered(kind: str, names: Callable[[], list[str]]) -> AfterValidator:
 # -- the grid file format -------------------------------------------------------------------
 
 DatasetName = Annotated[str, _registered("dataset", dataset_names)]
-ModelName = Annotated[str, _registered("model", model_names)]
-AttackName = Annotated[str, _registered("attack", attack_names)]
-DefenseName = Annotated[str, _registered("defense", defense_names)]
+def _check_model(name: str) -> str:
+    if is_clip_model(name):
+        arches = clip_arch_names()  # open_clip is imported only for grids that name a CLIP model
+        arch = name[len(CLIP_PREFIX):]
+        if arch not in arches:
+            raise ValueError(f"unknown CLIP architecture {arch!r} in {name!r} (known: {', '.join(arches[:12])}, ...)"
+                             f"{_suggest(arch, arches)}")
+        return name
+    known = model_names()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(known)}, or {CLIP_PREFIX}<arch> for a CLIP "
+                         f"model){_suggest(name, known)}")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_check_model)]
+AttackName = Annotated[str, _registered("attack", attack_method_names)]
+DefenseName = Annotated[str, _registered("defense", defense_method_names)]
 Label = Annotated[str, Field(pattern=NAME_PATTERN)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 Target = Annotated[int, Field(ge=0)]
@@ -498,8 +521,12 @@ class _Composer:
                                + [(f"overrides[{k}].attack_params", r.attack_params) for k, r in attack_rules])
         train, train_where = _merge([("train", self.grid.train)]
                                     + [(f"overrides[{k}].train", r.train) for k, r in attack_rules])
+        problem = compatibility_problem(axes["model"], axes["attack"])
+        if problem:
+            raise _Invalid(path, f"{problem}; drop the pair with `exclude: [{{model: {axes['model']}, attack: "
+                                 f"{axes['attack']}}}]` or list such cells under `include`")
         self._check_attack(axes, params, where, path)
-        self._check_train(axes["dataset"], train, train_where)
+        self._check_train(axes["model"], axes["dataset"], train, train_where)
         spec = AttackCellSpec(dataset=axes["dataset"], model=axes["model"], attack=axes["attack"], ratio=axes["ratio"],
                               label_mode=axes["label_mode"], target=axes["target"], seed=axes["seed"],
                               attack_params=params, train=train, data_root=dataset.root, pretrained=model.pretrained)
@@ -508,6 +535,10 @@ class _Composer:
         base = [("clean_fraction", {"clean_fraction": self.grid.clean_fraction})] \
             if self.grid.clean_fraction is not None else []
         for j, defense in defenses:
+            problem = compatibility_problem(axes["model"], axes["attack"], defense.name)
+            if problem:
+                raise _Invalid(f"defenses[{j}]", f"{problem}; drop the pair with `exclude: [{{model: "
+                                                 f"{axes['model']}, defense: {defense.label}}}]`")
             layers = base + [(f"defenses[{j}].params", defense.params)]
             for k, rule in rules:
                 if rule.match.defense is not None and rule.match.defense not in (defense.name, defense.label):
@@ -525,7 +556,7 @@ class _Composer:
         key = (name, axes["ratio"], axes["target"], axes["label_mode"], axes["seed"], _frozen(params))
         if key in self._attacks_ok:
             return
-        accepted = [f for f in ATTACKS.get(name).config_class.model_fields if f not in ATTACK_AXIS_PARAMS]
+        accepted = [f for f in attack_config_class(name).model_fields if f not in ATTACK_AXIS_PARAMS]
         _check_keys(params, where, accepted, ATTACK_AXIS_PARAMS, f"parameter {{key}} for attack {name!r}")
         try:
             AttackCellSpec(dataset=axes["dataset"], model=axes["model"], attack=name, ratio=axes["ratio"],
@@ -533,15 +564,22 @@ class _Composer:
                            attack_params=params).attack_config()
         except ValidationError as exc:
             raise _Invalid(problems=_problems(exc, where, path)) from None
+        except ValueError as exc:  # a setting the attack's family cannot take (all2all for a CLIP attack)
+            raise _Invalid(path, str(exc)) from None
         self._attacks_ok.add(key)
 
-    def _check_train(self, dataset: str, train: dict, where: dict) -> None:
-        key = (dataset, _frozen(train))
+    def _check_train(self, model: str, dataset: str, train: dict, where: dict) -> None:
+        config_class = train_config_class(model)
+        key = (config_class, dataset, _frozen(train))
         if key in self._trains_ok:
             return
-        _check_keys(train, where, list(TrainConfig.model_fields), {}, "training setting {key}")
+        kind = "CLIP training setting" if is_clip_model(model) else "training setting"
+        _check_keys(train, where, list(config_class.model_fields), {}, kind + " {key}")
         try:
-            default_train_config(dataset, **train)
+            if is_clip_model(model):
+                config_class(**train)
+            else:
+                default_train_config(dataset, **train)
         except ValidationError as exc:
             raise _Invalid(problems=_problems(exc, where, "train")) from None
         self._trains_ok.add(key)
@@ -549,7 +587,7 @@ class _Composer:
     def _defense_config(self, name: str, params: dict, where: dict, seed: int, path: str) -> dict:
         key = (name, seed, _frozen(params))
         if key not in self._defense_dumps:
-            accepted = [f for f in DEFENSES.get(name).config_class.model_fields if f not in DEFENSE_AXIS_PARAMS]
+            accepted = [f for f in defense_config_class(name).model_fields if f not in DEFENSE_AXIS_PARAMS]
             _check_keys(params, where, accepted, DEFENSE_AXIS_PARAMS, f"parameter {{key}} for defense {name!r}")
             try:
                 config = DefenseCellSpec(defense=name, params=params).config(seed)

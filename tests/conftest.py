@@ -116,3 +116,25 @@ def train_attack(digits, resource_store):
         return attack, poisoned, metrics, net
 
     return run
+
+
+# The schedule on which clip:tiny learns digits captions on a CPU (zero-shot ACC 0.889 measured).
+TINY_CLIP_SCHEDULE = dict(epochs=15, batch_size=64, lr=5e-4, weight_decay=0.0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def clean_tiny_clip(digits, tmp_path_factory):
+    """A clean clip:tiny trained once per session on digits captions ("a photo of a {digit}."): the
+    weights file (safetensors) that CLIP attack and defense tests start from, as the papers start
+    from a pre-trained CLIP."""
+    from safetensors.torch import save_file
+
+    from bdcore.clip import ClipTrainConfig, build_clip, captions_from_classes, train_clip
+
+    torch.manual_seed(0)  # the initialisation, so the fixture does not depend on which tests ran before
+    bundle = build_clip("clip:tiny")
+    train_clip(bundle, captions_from_classes(digits.train, digits.info.class_names),
+               ClipTrainConfig(**TINY_CLIP_SCHEDULE), seed=0)
+    path = tmp_path_factory.mktemp("clip") / "clip-tiny-digits.safetensors"
+    save_file({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, str(path))
+    return path

@@ -208,7 +208,7 @@ def error(text_or_grid) -> str:
     ("name: t\ndatasets: [digits\nmodels: [smallcnn]\n", "line 3: invalid YAML"),
     ("name: t\nname: u\n", "line 2: invalid YAML: duplicate key 'name'"),
     (base(ratio=[0.1]), "ratio: unknown key 'ratio' (accepted: name, datasets"),
-    (base(attacks=["badnett"]), "attacks[0].name: unknown attack 'badnett' (known: adap_blend, adap_patch, badnet, blended"),
+    (base(attacks=["badnett"]), "attacks[0].name: unknown attack 'badnett' (known: adap_blend, adap_patch, badclip, badnet"),
     (base(defenses=["fpp"]), "defenses[0].name: unknown defense 'fpp' (known: "),
     (base(models=["resnet99"]), "models[0].name: unknown model 'resnet99' (known: "),
     (base(datasets=["cifar11"]), "datasets[0].name: unknown dataset 'cifar11' (known: cifar10, cifar100, digits"),

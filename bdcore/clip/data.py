@@ -94,3 +94,36 @@ def load_caption_table(path: str | Path, image_root: str | Path | None = None, i
     if not images:
         raise ValueError(f"caption table {str(path)!r} has no rows")
     return ImageTextSet(torch.stack(images), table[caption_col].astype(str).tolist(), None, {"source": str(path)})
+
+
+def defender_pairs(pairs: ImageTextSet, fraction: float, seed: int = 0) -> ImageTextSet:
+    """The defender's clean pairs: `fraction` of the clean (pre-poisoning) training pairs, drawn with a
+    generator independent of the poisoning draw (as bdcore.data.defender_subset does for images)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"clean pair fraction must be in (0, 1], got {fraction}")
+    n_take = max(2, int(round(len(pairs) * fraction)))
+    generator = torch.Generator().manual_seed(10_007 + seed)
+    return pairs.subset(torch.randperm(len(pairs), generator=generator)[:n_take].sort().values)
+
+
+def augment_captions(captions: list[str], generator: torch.Generator, p: float = 0.1) -> list[str]:
+    """EDA-style text augmentation (Wei & Zou, EMNLP 2019) as CleanCLIP and RoCLIP use it: each caption
+    gets one of random deletion (each word dropped with probability p) or random swap (round(p * words),
+    at least one, pairs of words exchanged). EDA's synonym operations need WordNet, which this engine
+    does not ship (no downloads), so they are left out."""
+    out = []
+    for caption in captions:
+        words = caption.split()
+        if len(words) < 2:
+            out.append(caption)
+            continue
+        if float(torch.rand((), generator=generator)) < 0.5:
+            keep = (torch.rand(len(words), generator=generator) >= p).tolist()
+            kept = [w for w, k in zip(words, keep) if k]
+            words = kept or [words[int(torch.randint(0, len(words), (1,), generator=generator))]]
+        else:
+            for _ in range(max(1, round(p * len(words)))):
+                i, j = torch.randint(0, len(words), (2,), generator=generator).tolist()
+                words[i], words[j] = words[j], words[i]
+        out.append(" ".join(words))
+    return out

@@ -82,8 +82,9 @@ def find_weights(arch: str) -> Path:
     return found[0]
 
 
-def build_clip(name: str, weights: str | os.PathLike | None = None) -> ClipBundle:
-    """`clip:<arch>` with local weights (required except for clip:tiny, which starts random unless given)."""
+def build_clip(name: str, weights: str | os.PathLike | None = None, architecture_only: bool = False) -> ClipBundle:
+    """`clip:<arch>` with local weights (required except for clip:tiny, which starts random unless given).
+    `architecture_only` builds it randomly initialised, for a caller that loads a state dict next."""
     import open_clip
 
     if not is_clip_model(name):
@@ -98,7 +99,7 @@ def build_clip(name: str, weights: str | os.PathLike | None = None) -> ClipBundl
         known = ", ".join(clip_arch_names()[:12])
         raise ValueError(f"unknown CLIP architecture {arch!r} in {name!r}; known: {known}, ... "
                          f"(open_clip.list_models() has them all)")
-    path = Path(weights) if weights is not None else (None if arch == TINY else find_weights(arch))
+    path = Path(weights) if weights is not None else (None if arch == TINY or architecture_only else find_weights(arch))
     import logging
 
     # open_clip warns that it loaded no pretrained weights; ours are loaded below, or not wanted (tiny).

@@ -61,7 +61,8 @@ def train_clip(bundle: ClipBundle, data: ImageTextSet, config: ClipTrainConfig, 
     """Train `bundle.model` in place on image-caption pairs; returns the per-epoch history.
 
     `loss_fn(model, images, tokens, indices) -> loss` replaces the plain CLIP loss (defenses that add
-    terms, attacks that own training)."""
+    terms, attacks that own training); when it has a `start_epoch(epoch)` method, that is called at the
+    start of every epoch (0-based), resumed ones included."""
     device = pick_device(config.device)
     use_amp = config.amp and device.type == "cuda"
     seed_everything(seed)
@@ -83,6 +84,8 @@ def train_clip(bundle: ClipBundle, data: ImageTextSet, config: ClipTrainConfig, 
     n = len(data)
     for epoch in range(start, config.epochs):
         model.train()
+        if hasattr(loss_fn, "start_epoch"):  # losses whose behaviour changes by epoch (RoCLIP's matching)
+            loss_fn.start_epoch(epoch)
         order = torch.randperm(n, generator=generator)
         total, batches = 0.0, 0
         for begin in range(0, n - 1, config.batch_size):

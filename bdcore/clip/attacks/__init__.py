@@ -6,9 +6,10 @@ from bdcore.clip.attacks.base import (
     ClipAttackConfig,
     PoisonedPairs,
     build_clip_attack,
+    clip_attack_config,
     clip_attack_names,
     register_clip_attack,
 )
 
-__all__ = ["CLIP_ATTACKS", "ClipAttack", "ClipAttackConfig", "PoisonedPairs", "build_clip_attack",
+__all__ = ["CLIP_ATTACKS", "ClipAttack", "ClipAttackConfig", "PoisonedPairs", "build_clip_attack", "clip_attack_config",
            "clip_attack_names", "register_clip_attack"]

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bdcore.clip.data import DEFAULT_TEMPLATES, ImageTextSet
+from bdcore.clip.models import ClipBundle
 from bdcore.data.base import DatasetInfo, ImageSet
 from bdcore.metrics import BackdoorTestSet
 from bdcore.registry import Registry
@@ -45,6 +46,11 @@ def clip_attack_names() -> list[str]:
     return CLIP_ATTACKS.names()
 
 
+def clip_attack_config(name: str, **params) -> ClipAttackConfig:
+    """The typed config of CLIP attack `name` (pydantic ValidationError for a bad parameter)."""
+    return CLIP_ATTACKS.get(name).config_class(**params)
+
+
 def build_clip_attack(name: str, info: DatasetInfo, class_names=None, **params) -> ClipAttack:
     cls = CLIP_ATTACKS.get(name)
     try:
@@ -68,6 +74,20 @@ class ClipAttack(ABC):
     @abstractmethod
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x C x H x W -> the same images carrying the trigger."""
+
+    def prepare(self, bundle: ClipBundle, pairs: ImageTextSet, device: str = "auto") -> None:
+        """Called once before poisoning with the victim's clean (pre-poisoning) model and the clean pairs;
+        attacks that optimise their trigger against the clean encoder (BadCLIP) do it here. The model
+        must be left unchanged."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that define a learned trigger, saved with the attack cell's artifact."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what state_tensors() returned (a rebuilt attack then triggers images identically)."""
+        if tensors:
+            raise ValueError(f"CLIP attack {self.name!r} has no learned state, got {sorted(tensors)}")
 
     def target_caption(self, generator: torch.Generator) -> str:
         template = self.config.templates[int(torch.randint(0, len(self.config.templates), (1,), generator=generator))]
