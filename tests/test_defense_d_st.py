@@ -6,11 +6,12 @@ import torch
 from defense_checks import defense_works
 from torch import nn
 
+from bdcore.analysis import final_linear
 from bdcore.defenses import DefenseContext, build_defense
-from bdcore.defenses.d_st import DSTConfig, mixed_cross_entropy
+from bdcore.defenses.d_st import DSTConfig, MixedCrossEntropyStep, mixed_cross_entropy
 from bdcore.metrics import backdoor_metrics
 from bdcore.models import build_model
-from bdcore.train import default_train_config
+from bdcore.train import TrainConfig, default_train_config, train_model
 
 # Reduced, digits-adapted schedule (module docstring): the SD model trained with the attack's config (10
 # epochs, augmentation) and FCT without rotation (rotating an upsampled digit wrecks its content, d_br), 20
@@ -54,6 +55,33 @@ def test_mixed_cross_entropy_learns_clean_and_unlearns_poison():
     assert ce(head(x[:6]), y[:6]).item() < before_c and ce(head(x[6:]), y[6:]).item() > before_p
     # A batch without D_p (or without D_c) is plain CE on the other side.
     assert torch.allclose(mixed_cross_entropy(head(x[:6]), y[:6], poison[:6], 0.5), ce(head(x[:6]), y[:6]))
+
+
+def test_cached_features_train_the_same_head(digits):
+    """Stage 2 without augmentation: the head trained on features computed once equals the head trained
+    with the frozen backbone run on every batch (same batches, same losses), and the backbone is unchanged."""
+    data = digits.train.subset(torch.arange(48))
+    poison = torch.arange(48) % 5 == 0
+    config = TrainConfig(epochs=3, lr=0.5, batch_size=8, momentum=0.9, schedule="constant", augment=False,
+                         device="cpu")
+    models, losses = [], []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = build_model("smallcnn", digits.info)
+        step = MixedCrossEntropyStep(model, poison, 1e-3, augment=False, images=data.images, cache_features=cache)
+        result = train_model(model, data, digits.info, config, seed=0, step=step,
+                             parameters=list(step.head.parameters()))
+        step.tap.remove()
+        assert (step.features is not None) == cache
+        models.append(model)
+        losses.append([r["train_loss"] for r in result.history])
+    cached, uncached = models
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(final_linear(cached).weight, final_linear(uncached).weight, atol=1e-5)
+    torch.manual_seed(0)
+    initial = build_model("smallcnn", digits.info).state_dict()
+    head = {name for name, p in cached.named_parameters() if any(p is q for q in final_linear(cached).parameters())}
+    assert head and all(torch.equal(v, initial[k]) for k, v in cached.state_dict().items() if k not in head)
 
 
 def test_d_st_trains_a_model_without_the_backdoor(digits, badnet_cell):
