@@ -18,9 +18,10 @@ ATTACKS = ["blended_clip", "sig_clip", "wanet_clip"]
 # Fine-tuning the clean clip:tiny on poisoned pairs. No augmentation: random crops shift 32-pixel images
 # by up to 4 pixels, which moves the sinusoid by 3/4 of a period and misaligns the noise and the warp
 # (the CLIP baselines' poisoned training uses fixed preprocessing too). SIG sets the budget: batch 32
-# (twice the steps of batch 64 at 1.3x the cost per epoch) and 15% poison reach ASR 0.96 in 4 epochs,
-# where batch 64 at 10% needs 8 (ASR 0.95) and 3 epochs give 0.81-0.86.
-POISON_SCHEDULE = dict(epochs=4, batch_size=32, lr=5e-4, weight_decay=0.0, augment=False, device="cpu")
+# (twice the steps of batch 64 at 1.3x the cost per epoch) and 15% poison: from the seeded session fixture
+# ACC / ASR 0.903 / 0.913 after 4 epochs (too close to the bar), 0.922 / 0.972 after 5; batch 64 at 10%
+# needs 8 (ASR 0.95) and 3 epochs give 0.81-0.86.
+POISON_SCHEDULE = dict(epochs=5, batch_size=32, lr=5e-4, weight_decay=0.0, augment=False, device="cpu")
 POISON_RATIO = 0.15
 
 

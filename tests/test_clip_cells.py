@@ -190,3 +190,29 @@ def test_the_badclip_grid_lists_every_clip_method():
     assert {d.spec.defense for d in plan.defenses} == set(clip_defense_names())
     assert {c.spec.model for c in plan.attacks} == {"clip:RN50"} and {c.spec.ratio for c in plan.attacks} == {0.003}
     assert all(c.spec.train["lr"] == 1e-6 and c.spec.train["image_size"] == 224 for c in plan.attacks)
+
+
+def test_an_attack_cell_trains_on_a_caption_table(tmp_path, digits, clean_tiny_clip):
+    """A CC3M-style table (PNG files + a Parquet of path and caption) as the cell's training pairs; zero-shot
+    scoring on the cell dataset at `image_size`."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(96):
+        Image.fromarray(digits.train.images[i].permute(1, 2, 0).numpy()).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"a photo of a {digits.info.class_names[int(digits.train.labels[i])]}."})
+    pd.DataFrame(rows).to_parquet(tmp_path / "pairs.parquet")
+    spec = AttackCellSpec(dataset="digits", model="clip:tiny", attack="badnet_clip", ratio=0.1,
+                          attack_params={"patch_size": 8}, pretrained=str(clean_tiny_clip),
+                          train={"captions": str(tmp_path / "pairs.parquet"), "image_root": str(tmp_path / "img"),
+                                 "image_size": 32, "epochs": 1, "batch_size": 32})
+    result = run_attack_cell(spec, tmp_path / "out", device="cpu", data=digits)
+    cell = load_clip_attack_cell(result.path)
+    assert len(cell.poison_indices) == round(0.1 * 96) and 0 <= result.metrics.asr <= 1
+    assert np.isfinite([result.metrics.acc, result.metrics.asr, result.metrics.ra]).all()
+    missing = spec.model_copy(update={"train": {**spec.train, "captions": str(tmp_path / "nope.csv")}})
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        run_attack_cell(missing, tmp_path / "out", device="cpu", data=digits)

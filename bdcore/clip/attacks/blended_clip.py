@@ -13,7 +13,8 @@ the data's own size (theirs is continuous noise at 224 px); results are rounded 
 
 Measured (tests/test_clip_attack_triggers.py): clip:tiny fine-tuned from the clean digits model
 (tests' clean_tiny_clip) on digits captions, 15% of pairs poisoned, target 0, 4 epochs, batch 32, lr 5e-4,
-no augmentation: zero-shot ACC 0.930 / ASR 1.000 (the same fine-tuning on clean pairs: ASR 0.012).
+no augmentation: zero-shot ACC 0.930 / ASR 1.000 (the same fine-tuning on clean pairs: ASR 0.012); from the
+seeded fixture (bench/clip_cost.py) 0.930 / 0.988. The test runs 5 epochs.
 With random-crop augmentation (10%, 8 epochs, batch 64, lr 2e-4): ASR 0.159 only.
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ their strength. Every row and channel gets the same signal; results are rounded 
 
 Measured (tests/test_clip_attack_triggers.py): clip:tiny fine-tuned from the clean digits model
 (tests' clean_tiny_clip) on digits captions, 15% of pairs poisoned, target 0, 4 epochs, batch 32, lr 5e-4,
-no augmentation: zero-shot ACC 0.947 / ASR 0.963 (the same fine-tuning on clean pairs: ASR 0.012).
+no augmentation: zero-shot ACC 0.947 / ASR 0.963 (the same fine-tuning on clean pairs: ASR 0.012); from the
+seeded fixture (bench/clip_cost.py) 0.903 / 0.913, and 0.922 / 0.972 after 5 epochs (the test's schedule).
 Random-crop augmentation shifts the sinusoid's phase: 10%, 8 epochs, batch 64, lr 2e-4 gives ASR 0.016.
 """
 from __future__ import annotations
