@@ -72,6 +72,8 @@ def compatibility_problem(model: str, attack: str, defense: str | None = None) -
     and image-classifier methods an image classifier."""
     clip = is_clip_model(model)
     family = "a CLIP model" if clip else "an image classifier"
+    if attack not in attack_method_names() or (defense is not None and defense not in defense_method_names()):
+        return None  # an unknown name: the registry's own error lists what exists
     if clip != (attack in clip_attack_names()):
         kind = "a CLIP attack" if not clip else "an image-classifier attack"
         return (f"attack {attack!r} is {kind} and model {model!r} is {family}: "

@@ -38,7 +38,7 @@ def _fmt(x: float | None) -> str:
 
 
 def cmd_cell(args: argparse.Namespace) -> int:
-    from bdcore.cells import AttackCellSpec, DefenseCellSpec, run_attack_cell, run_defense_cell
+    from bdcore.cells import AttackCellSpec, DefenseCellSpec, compatibility_problem, run_attack_cell, run_defense_cell
     from bdcore.data import load_dataset
 
     spec = AttackCellSpec(
@@ -48,6 +48,9 @@ def cmd_cell(args: argparse.Namespace) -> int:
     )
     defense = DefenseCellSpec(defense=args.defense, params=_parse_params(args.defense_param, "--defense-param"))
     # Validate every name and parameter before any training starts.
+    problem = compatibility_problem(spec.model, spec.attack, defense.defense)
+    if problem:  # a CLIP method on a classifier, or the reverse: refused before the attack trains
+        raise UsageError(problem)
     spec.key()
     defense.config(spec.seed)
     out = Path(args.out)

@@ -70,6 +70,9 @@ def test_corrupt_artifact_is_recomputed(finished, capsys):
     (["--train", "lr=-1"], "lr"),
     (["--attack-param", "novalue"], "expects key=value"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--attack", "badnet_clip"], "attack 'badnet_clip' is a CLIP attack and model 'smallcnn' is an image classifier"),
+    (["--defense", "cleanclip"], "defense 'cleanclip' is a CLIP defense and model 'smallcnn' is an image classifier"),
+    (["--model", "clip:tiny"], "attack 'badnet' is an image-classifier attack and model 'clip:tiny' is a CLIP model"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv, message):
     args = list(CELL)
