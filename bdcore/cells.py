@@ -354,24 +354,33 @@ def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: 
         return DefenseCellResult(defense, None, "skipped", cell.metrics, reason=str(skipped),
                                  seconds=time.perf_counter() - started)
     metrics = backdoor_metrics(outcome.model, data.test, backdoor_test, cell.info, device=device)
-    scores = defense_scores(cell.metrics, metrics)
+    return finish_defense_cell(folder, key, spec, defense, config, cell.info, cell.metrics, metrics,
+                               outcome.model.state_dict(), outcome.diagnostics, work, started)
+
+
+def finish_defense_cell(folder: Path, key: str, spec: AttackCellSpec, defense: DefenseCellSpec, config: BaseModel,
+                        info: DatasetInfo, undefended: BackdoorMetrics, metrics: BackdoorMetrics,
+                        model_state: dict, diagnostics: dict, work: Path, started: float,
+                        family: str | None = None) -> DefenseCellResult:
+    """Score a finished defense against its undefended model, save its artifact, drop its work folder."""
+    scores = defense_scores(undefended, metrics)
     seconds = time.perf_counter() - started
-    save_artifact(folder, outcome.model.state_dict(), {
+    save_artifact(folder, model_state, {
         "kind": "defense",
+        **({"family": family} if family else {}),
         "cell_key": key,
         "attack_cell": {"key": spec.key(), "name": spec.name(), "spec": spec.model_dump()},
         "defense": defense.model_dump(),
         "defense_config": config.model_dump(),
-        "dataset_info": cell.info.to_dict(),
-        "undefended_metrics": cell.metrics.as_dict(),
+        "dataset_info": info.to_dict(),
+        "undefended_metrics": undefended.as_dict(),
         "metrics": metrics.as_dict(),
         "scores": scores,
-        "diagnostics": outcome.diagnostics,
+        "diagnostics": diagnostics,
         "seconds": seconds,
     })
     shutil.rmtree(work, ignore_errors=True)
-    return DefenseCellResult(defense, folder, "done", cell.metrics, metrics, scores, outcome.diagnostics,
-                             seconds=seconds)
+    return DefenseCellResult(defense, folder, "done", undefended, metrics, scores, diagnostics, seconds=seconds)
 
 
 def _rebuild_poisoned(cell: LoadedAttackCell, data: DatasetSplits) -> PoisonedTrainSet:

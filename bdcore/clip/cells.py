@@ -29,7 +29,7 @@ from bdcore.clip.train import ClipTrainConfig, train_clip
 from bdcore.clip.zeroshot import ZeroShotClassifier
 from bdcore.data import DatasetInfo, DatasetSplits, load_dataset
 from bdcore.data.base import ImageSet
-from bdcore.metrics import BackdoorMetrics, backdoor_metrics, defense_scores
+from bdcore.metrics import BackdoorMetrics, backdoor_metrics
 
 
 class ClipCellTrain(ClipTrainConfig):
@@ -178,7 +178,7 @@ def load_clip_attack_cell(folder: str | Path) -> LoadedClipAttackCell:
 
 def run_clip_defense_cell(attack_dir, defense, out_dir, device: str = "auto", on_epoch_end=None,
                           data: DatasetSplits | None = None):
-    from bdcore.cells import DefenseCellResult, _existing, _metrics, defense_cell_dir
+    from bdcore.cells import DefenseCellResult, _existing, _metrics, defense_cell_dir, finish_defense_cell
 
     started = time.perf_counter()
     cell = load_clip_attack_cell(attack_dir)
@@ -210,22 +210,5 @@ def run_clip_defense_cell(attack_dir, defense, out_dir, device: str = "auto", on
         outcome = method.train(poisoned.data, ctx)
     metrics = backdoor_metrics(zero_shot(outcome.bundle, cell.info, train_cfg), data.test,
                                cell.attack.backdoor_test(data.test), cell.info, device=device)
-    scores = defense_scores(cell.metrics, metrics)
-    seconds = time.perf_counter() - started
-    save_artifact(folder, outcome.bundle.model.state_dict(), {
-        "kind": "defense",
-        "family": "clip",
-        "cell_key": key,
-        "attack_cell": {"key": spec.key(), "name": spec.name(), "spec": spec.model_dump()},
-        "defense": defense.model_dump(),
-        "defense_config": config.model_dump(),
-        "dataset_info": cell.info.to_dict(),
-        "undefended_metrics": cell.metrics.as_dict(),
-        "metrics": metrics.as_dict(),
-        "scores": scores,
-        "diagnostics": outcome.diagnostics,
-        "seconds": seconds,
-    })
-    shutil.rmtree(work, ignore_errors=True)
-    return DefenseCellResult(defense, folder, "done", cell.metrics, metrics, scores, outcome.diagnostics,
-                             seconds=seconds)
+    return finish_defense_cell(folder, key, spec, defense, config, cell.info, cell.metrics, metrics,
+                               outcome.bundle.model.state_dict(), outcome.diagnostics, work, started, family="clip")
