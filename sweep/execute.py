@@ -12,9 +12,12 @@ import traceback
 from datetime import datetime, timezone
 from typing import Any
 
-from sweep.layout import SweepLayout
+from sweep.layout import ANALYSIS_METRICS, SweepLayout
 
 ATTACK_FAILED = "attack cell failed"
+DEFENSE_NOT_DONE = "the defense cell it analyses did not finish (failed or skipped)"
+# Skip reasons that come from an upstream cell: such a skip is redone when that cell reruns.
+UPSTREAM_REASONS = (ATTACK_FAILED, DEFENSE_NOT_DONE)
 
 
 def now_iso() -> str:
@@ -44,9 +47,14 @@ def base_row(cell: dict, sweep: str) -> dict[str, Any]:
         "finished_at": None,
         "artifact": None,
         "attack_params": json.dumps(spec.get("attack_params", {}), sort_keys=True),
-        "defense_params": json.dumps(cell.get("defense", {}).get("params", {}), sort_keys=True) if cell["kind"] == "defense" else None,
+        "defense_params": (json.dumps(cell.get("defense", {}).get("params", {}), sort_keys=True)
+                           if cell["kind"] != "attack" else None),
         "diagnostics": None,
         "attempts": 0,
+        "analysis": cell["analysis"]["analysis"] if cell["kind"] == "analysis" else None,
+        "parent_cell_id": cell["parent_cell_id"] if cell["kind"] == "analysis" else None,
+        **{name: None for name in ANALYSIS_METRICS},
+        "analysis_budget": None,
     }
 
 
@@ -57,16 +65,16 @@ def skipped_marker(cell: dict, sweep: str, reason: str) -> dict:
 
 
 def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
-    """Run an attack or defense cell (retrying up to cell['retries'] times) and write its marker.
+    """Run an attack, defense or analysis cell (retrying up to cell['retries'] times) and write its marker.
     Returns the marker. A cell that already has a done/skipped marker is not run again."""
     layout = SweepLayout(out_dir)
     existing = layout.read_marker(cell["cell_id"])
     if existing is not None and existing["row"]["status"] in ("done", "skipped"):
         return existing
-    if cell["kind"] == "defense":
-        attack_marker = layout.read_marker(cell["attack_cell_id"])
-        if attack_marker is None or attack_marker["row"]["status"] != "done":
-            marker = skipped_marker(cell, sweep, ATTACK_FAILED)
+    if cell["kind"] != "attack":
+        parent = layout.read_marker(cell.get("parent_cell_id", cell["attack_cell_id"]))
+        if parent is None or parent["row"]["status"] != "done":
+            marker = skipped_marker(cell, sweep, ATTACK_FAILED if cell["kind"] == "defense" else DEFENSE_NOT_DONE)
             layout.write_marker(cell["cell_id"], marker)
             return marker
 
@@ -109,6 +117,9 @@ def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -
         m = result.metrics
         row.update(acc=m.acc, asr=m.asr, ra=m.ra, status="done", error=None, artifact=str(result.path))
         return
+    if cell["kind"] == "analysis":
+        _run_analysis(cell, out_dir, device, row, layout, attack_cell_dir(out_dir, spec))
+        return
     defense = DefenseCellSpec(**cell["defense"])
     result = run_defense_cell(attack_cell_dir(out_dir, spec), defense, out_dir, device=device, on_epoch_end=record)
     if not result.reused:
@@ -121,6 +132,34 @@ def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -
                error=None, artifact=str(result.path), diagnostics=json.dumps(result.diagnostics, sort_keys=True, default=str))
 
 
+def _run_analysis(cell: dict, out_dir: str, device: str, row: dict, layout: SweepLayout, attack_dir) -> None:
+    """One analysis of a finished defense cell; the other finished defense cells of the same attack
+    cell are the surrogates a transfer analysis crafts on."""
+    from bdcore.reactivation import NotApplicable
+    from bdcore.reactivation.cells import AnalysisCellSpec, run_analysis_cell
+
+    def artifact(cell_id: str) -> str | None:
+        marker = layout.read_marker(cell_id)
+        done = marker is not None and marker["row"]["status"] == "done"
+        return marker["row"].get("artifact") if done else None
+
+    defense_dir = artifact(cell["parent_cell_id"])
+    surrogates = [path for path in map(artifact, cell.get("surrogates", [])) if path]
+    try:
+        result = run_analysis_cell(attack_dir, defense_dir, AnalysisCellSpec(**cell["analysis"]), out_dir,
+                                   device=device, surrogate_dirs=surrogates)
+    except NotApplicable as exc:
+        row.update(status="skipped", error=str(exc))
+        return
+    if not result.reused:
+        layout.log_execution(cell["cell_id"], "analysis_ran")
+    columns = {k: v for k, v in result.columns.items() if k in ANALYSIS_METRICS}
+    extra = {k: v for k, v in result.columns.items() if k not in ANALYSIS_METRICS}
+    row.update(columns, status="done", error=None, artifact=str(result.path),
+               analysis_budget=json.dumps(result.budget, sort_keys=True, default=str),
+               diagnostics=json.dumps(extra, sort_keys=True, default=str) if extra else None)
+
+
 def noop_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
     """An executor that computes nothing but leaves a real marker: it measures the engine's own
     per-cell overhead (planning, Tune, markers, Parquet, MLflow) in bench/engine_overhead.py."""
@@ -129,6 +168,8 @@ def noop_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dic
     row.update(status="done", acc=1.0, asr=0.0, ra=1.0, attempts=1, finished_at=now_iso())
     if cell["kind"] == "defense":
         row.update(der=0.5, rir=0.5)
+    if cell["kind"] == "analysis":
+        row.update(acc=None, asr=None, ra=None)
     layout.log_execution(cell["cell_id"], f"{cell['kind']}_noop")
     marker = {"row": row, "history": [], "traceback": None}
     layout.write_marker(cell["cell_id"], marker)

@@ -2,7 +2,7 @@
 
 A grid is the product datasets x models x attacks x ratios x label_modes x seeds x targets of
 attack cells; every attack cell also gets the grid's defense cells (its own undefended row is the
-implicit "none" defense). Then:
+implicit "none" defense), and every defense cell the grid's analysis cells. Then:
 
 - `exclude` rules drop product cells: a rule without `defense` drops the attack cell with all its
   defense cells, a rule with `defense` only those defense cells;
@@ -23,6 +23,10 @@ is a one-line GridError naming the file and the key path.
 Cell ids are content hashes, so editing a grid keeps the ids (and results) of unchanged cells:
   attack cell id  = sha256(spec.key(), bdcore version, dataset fingerprint)[:16]
   defense cell id = sha256(attack cell id, defense name, default-filled defense config)[:16]
+  analysis cell id = sha256(defense cell id, analysis name, default-filled analysis config)[:16]
+
+`analysis: [bec, reactivate_wb, ...]` (names, or {name, params}) adds one analysis cell per defense
+cell and analysis (bdcore.reactivation); its columns land on the defense cell's row.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ from bdcore.cells import (
 from bdcore.clip.models import CLIP_PREFIX, clip_arch_names, is_clip_model
 from bdcore.data.registry import dataset_names, dataset_root
 from bdcore.models.registry import model_names
+from bdcore.reactivation import analysis_config, analysis_names
+from bdcore.reactivation.cells import AnalysisCellSpec
 from bdcore.train.config import default_train_config
 from sweep.layout import SweepLayout
 
@@ -136,6 +142,7 @@ def _check_model(name: str) -> str:
 ModelName = Annotated[str, AfterValidator(_check_model)]
 AttackName = Annotated[str, _registered("attack", attack_method_names)]
 DefenseName = Annotated[str, _registered("defense", defense_method_names)]
+AnalysisName = Annotated[str, _registered("analysis", analysis_names)]
 Label = Annotated[str, Field(pattern=NAME_PATTERN)]
 Ratio = Annotated[float, Field(gt=0, le=1)]
 Target = Annotated[int, Field(ge=0)]
@@ -187,6 +194,13 @@ class DefenseEntry(_Named):
         if value.get("label") is None and isinstance(value.get("name"), str):
             value = {**value, "label": value["name"]}
         return value
+
+
+class AnalysisEntry(_Named):
+    """A dormant-backdoor analysis run on every defense cell (bdcore.reactivation)."""
+
+    name: AnalysisName
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class Match(_Model):
@@ -252,6 +266,7 @@ class ResourceSpec(_Model):
 class StageResources(_Model):
     attack: ResourceSpec = Field(default_factory=ResourceSpec)
     defense: ResourceSpec = Field(default_factory=ResourceSpec)
+    analysis: ResourceSpec = Field(default_factory=ResourceSpec)
 
 
 class Grid(_Model):
@@ -266,6 +281,7 @@ class Grid(_Model):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     targets: list[Target] = Field(default_factory=lambda: [0], min_length=1)
     defenses: list[DefenseEntry] = Field(default_factory=list)
+    analysis: list[AnalysisEntry] = Field(default_factory=list)  # run on every defense cell
     train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig overrides for every attack cell
     overrides: list[Override] = Field(default_factory=list)
     exclude: list[ExcludeRule] = Field(default_factory=list)
@@ -446,6 +462,7 @@ class _Composer:
 
     def compose(self) -> tuple[list[_Draft], list[str]]:
         self._check_references()
+        self._check_analyses()
         drafts = list(self._drafts())
         warnings = [f"overrides[{k}] matches no cell" for k, n in enumerate(self.rule_hits) if not n]
         warnings += [f"exclude[{k}] matches no cell" for k, n in enumerate(self.exclude_hits) if not n]
@@ -473,6 +490,22 @@ class _Composer:
                 if label not in labels:
                     raise _Invalid(f"include[{i}].defenses[{k}]", f"{label!r} is not a label of the grid's "
                                      f"defenses (labels: {', '.join(labels) or 'none'})")
+
+    def _check_analyses(self) -> None:
+        seen: dict[str, int] = {}
+        for k, entry in enumerate(self.grid.analysis):
+            path = f"analysis[{k}]"
+            if entry.name in seen:
+                raise _Invalid(f"{path}.name", f"{entry.name!r} is listed twice (also analysis[{seen[entry.name]}]): "
+                                               "its columns would collide")
+            seen[entry.name] = k
+            accepted = [f for f in type(analysis_config(entry.name)).model_fields if f not in DEFENSE_AXIS_PARAMS]
+            where = {key: f"{path}.params" for key in entry.params}
+            _check_keys(entry.params, where, accepted, DEFENSE_AXIS_PARAMS, f"parameter {{key}} for analysis {entry.name!r}")
+            try:
+                analysis_config(entry.name, **entry.params)
+            except ValidationError as exc:
+                raise _Invalid(problems=_problems(exc, where, f"{path}.params")) from None
 
     def _drafts(self) -> Iterator[_Draft]:
         grid = self.grid
@@ -658,14 +691,26 @@ class DefenseCell:
     retries: int
 
 
+@dataclass(frozen=True)
+class AnalysisCell:
+    cell_id: str
+    defense_cell_id: str  # the defense cell it analyses (its row gets this cell's columns)
+    attack_cell_id: str
+    spec: AnalysisCellSpec
+    resources: Resources
+    retries: int
+
+
 @dataclass
 class Plan:
-    """Every cell of a grid: unique attack cells (each also yields its "none" row) and their defenses."""
+    """Every cell of a grid: unique attack cells (each also yields its "none" row), their defenses,
+    and the analyses of each defense cell."""
 
     name: str
     attacks: list[AttackCell]
     defenses: list[DefenseCell]
     warnings: list[str] = field(default_factory=list)
+    analyses: list[AnalysisCell] = field(default_factory=list)
     _index: dict[str, list[DefenseCell]] | None = field(default=None, init=False, repr=False, compare=False)
     _indexed: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -679,7 +724,7 @@ class Plan:
 
     @property
     def total_cells(self) -> int:
-        return len(self.attacks) + len(self.defenses)
+        return len(self.attacks) + len(self.defenses) + len(self.analyses)
 
 
 def _digest(payload: Any) -> str:
@@ -696,6 +741,7 @@ def expand(grid: Grid) -> Plan:
     version = bdcore.__version__
     attack_res = Resources(grid.resources.attack.cpu, grid.resources.attack.gpu)
     defense_res = Resources(grid.resources.defense.cpu, grid.resources.defense.gpu)
+    analysis_res = Resources(grid.resources.analysis.cpu, grid.resources.analysis.gpu)
     fingerprints: dict[tuple, str] = {}
     attacks: dict[str, AttackCell] = {}
     defenses: dict[str, DefenseCell] = {}
@@ -722,25 +768,36 @@ def expand(grid: Grid) -> Plan:
                           | {i.model.pretrained for i in grid.include if i.model.pretrained}):
         if not Path(weights).is_file():
             warnings.append(f"pretrained weights file {weights!r} does not exist here")
-    return Plan(grid.name, list(attacks.values()), list(defenses.values()), warnings)
+    analyses = []
+    for defense in defenses.values():
+        seed = attacks[defense.attack_cell_id].spec.seed
+        for entry in grid.analysis:
+            aspec = AnalysisCellSpec(analysis=entry.name, params=entry.params)
+            analysis_id = _digest({"defense_cell": defense.cell_id, "analysis": entry.name,
+                                   "config": aspec.config(seed).model_dump()})
+            analyses.append(AnalysisCell(analysis_id, defense.cell_id, defense.attack_cell_id, aspec, analysis_res,
+                                         grid.retries))
+    return Plan(grid.name, list(attacks.values()), list(defenses.values()), warnings, analyses)
 
 
 def plan_summary(plan: Plan, out_dir: str | os.PathLike | None = None) -> dict:
     """Cell counts of `plan`, and how many of them the markers in `out_dir` show finished."""
     finished = SweepLayout(out_dir).finished_ids() if out_dir is not None else {}
     counts = {"done": 0, "failed": 0, "skipped": 0}
-    for cell in [*plan.attacks, *plan.defenses]:
+    for cell in [*plan.attacks, *plan.defenses, *plan.analyses]:
         status = finished.get(cell.cell_id)
         if status in counts:
             counts[status] += 1
     return {"name": plan.name, "attack_cells": len(plan.attacks), "defense_cells": len(plan.defenses),
+            "analysis_cells": len(plan.analyses),
             "total_cells": plan.total_cells, **counts, "pending": plan.total_cells - sum(counts.values()),
             "warnings": list(plan.warnings)}
 
 
 def format_plan(summary: dict) -> str:
     lines = [(f"grid {summary['name']!r}: {summary['total_cells']} cells "
-              f"({summary['attack_cells']} attack + {summary['defense_cells']} defense)")]
+              f"({summary['attack_cells']} attack + {summary['defense_cells']} defense"
+              + (f" + {summary['analysis_cells']} analysis" if summary.get("analysis_cells") else "") + ")")]
     lines += [f"  {status:<8}{summary[status]:>8}" for status in ("done", "failed", "skipped", "pending")]
     lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)

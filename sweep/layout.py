@@ -2,13 +2,14 @@
 
   DIR/sweep.json                      sweep name, MLflow parent run id, grid copy
   DIR/attacks/..., DIR/defenses/...   bdcore artifacts (see bdcore.cells)
+  DIR/clean/..., DIR/analyses/...     clean reference models and analysis results (bdcore.reactivation.cells)
   DIR/cells/<cell_id>.json            one marker per finished cell: status done | failed | skipped,
                                       and its full result row; written atomically by the worker
   DIR/results/rows/*.parquet          one-row Parquet files, written atomically
   DIR/results/data/*.parquet          compacted Parquet dataset
   DIR/mlflow.db                       embedded MLflow tracking store (sqlite)
 
-A cell is finished exactly when its marker exists with status "done" (or "skipped"); Tune's own
+A cell (attack, defense or analysis) is finished exactly when its marker exists with status "done" (or "skipped"); Tune's own
 experiment snapshot is never trusted for that.
 """
 from __future__ import annotations
@@ -20,11 +21,23 @@ from typing import Iterator
 
 from bdcore.atomic import atomic_write_json
 
+# What the dormant-backdoor analyses (bdcore.reactivation) report; an analysis cell's row carries
+# its own, and load_results() copies them onto the row of the defense cell it analysed. `_clean` /
+# `_undefended`: the same budget applied to a clean model of the same training / to the
+# backdoored model before the defense (controls).
+ANALYSIS_METRICS: list[str] = [
+    "bec", "bec_top5", "bec_top20",
+    "asr_reactivated_wb", "asr_reactivated_wb_clean", "asr_reactivated_wb_undefended",
+    "asr_reactivated_query", "asr_reactivated_query_clean", "asr_reactivated_query_undefended", "queries_used",
+    "asr_reactivated_transfer", "asr_reactivated_transfer_clean", "asr_reactivated_transfer_undefended",
+]
+
 # Columns of the results table, in order (sweep.results writes and reads these).
 ROW_COLUMNS: list[str] = [
     "cell_id", "attack_cell_id", "sweep", "stage", "dataset", "model", "attack", "ratio", "label_mode",
     "target", "seed", "defense", "acc", "asr", "ra", "der", "rir", "status", "error", "wall_s",
     "started_at", "finished_at", "artifact", "attack_params", "defense_params", "diagnostics", "attempts",
+    "analysis", "parent_cell_id", *ANALYSIS_METRICS, "analysis_budget",
 ]
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bdcore.atomic import fsync_dir
-from sweep.layout import ROW_COLUMNS, SweepLayout
+from sweep.layout import ANALYSIS_METRICS, ROW_COLUMNS, SweepLayout
 
 __all__ = [
     "RESULTS_SCHEMA", "ResultsFileWarning", "compact", "format_results", "format_status", "load_results",
@@ -49,6 +49,9 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
     "defense": _STR, "acc": _F64, "asr": _F64, "ra": _F64, "der": _F64, "rir": _F64, "status": _STR,
     "error": _STR, "wall_s": _F64, "started_at": _TS, "finished_at": _TS, "artifact": _STR,
     "attack_params": _STR, "defense_params": _STR, "diagnostics": _STR, "attempts": _I64,
+    "analysis": _STR, "parent_cell_id": _STR,
+    **{name: (_I64 if name == "queries_used" else _F64) for name in ANALYSIS_METRICS},
+    "analysis_budget": _STR,
 }
 if list(_COLUMN_TYPES) != list(ROW_COLUMNS):
     raise AssertionError(
@@ -64,9 +67,14 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "cell_id", "attack_cell_id", "sweep", "stage", "dataset", "model", "attack", "ratio", "label_mode",
     "target", "seed", "defense", "status", "finished_at", "attempts",
 )
-JSON_COLUMNS: tuple[str, ...] = ("attack_params", "defense_params", "diagnostics")
+# Columns only analysis cells fill; rows written before they existed (markers of older sweeps) may lack them.
+ANALYSIS_ONLY_COLUMNS: tuple[str, ...] = ("analysis", "parent_cell_id", *ANALYSIS_METRICS, "analysis_budget")
+JSON_COLUMNS: tuple[str, ...] = ("attack_params", "defense_params", "diagnostics", "analysis_budget")
 METRIC_COLUMNS: tuple[str, ...] = ("acc", "asr", "ra", "der", "rir")
-STAGES: tuple[str, ...] = ("attack", "defense")
+STAGES: tuple[str, ...] = ("attack", "defense", "analysis")
+# Shown by the text formats next to DEFAULT_COLUMNS when a sweep ran these analyses.
+ANALYSIS_SUMMARY_COLUMNS: tuple[str, ...] = ("bec", "asr_reactivated_wb", "asr_reactivated_query",
+                                             "asr_reactivated_transfer")
 STATUSES: tuple[str, ...] = ("done", "failed", "skipped")
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "markdown")
 DEFAULT_COLUMNS: list[str] = [
@@ -180,7 +188,7 @@ def _validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(row, Mapping):
         raise TypeError(f"a result row must be a dict, got {type(row).__name__}")
     unknown = sorted(set(row) - set(ROW_COLUMNS), key=str)
-    missing = [c for c in ROW_COLUMNS if c not in row]
+    missing = [c for c in ROW_COLUMNS if c not in row and c not in ANALYSIS_ONLY_COLUMNS]
     if unknown or missing:
         parts = []
         if unknown:
@@ -192,7 +200,7 @@ def _validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     problems: list[str] = []
     for name in ROW_COLUMNS:
         try:
-            out[name] = _coerce(name, row[name])
+            out[name] = _coerce(name, row.get(name))
         except (TypeError, ValueError) as exc:
             problems.append(f"{name}: {exc}")
     for name in REQUIRED_COLUMNS:
@@ -358,11 +366,16 @@ def _sort_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns="_defense_rank").reset_index(drop=True)
 
 
-def load_results(out_dir: str | os.PathLike, latest_only: bool = True) -> pd.DataFrame:
+def load_results(out_dir: str | os.PathLike, latest_only: bool = True, analyses: str = "merge") -> pd.DataFrame:
     """The results table of a sweep as a DataFrame with ROW_COLUMNS, sorted for reading.
 
     Reads the compacted parts and the one-row files; unreadable files are skipped with a
-    ResultsFileWarning naming them. With latest_only, one row per cell_id (the latest)."""
+    ResultsFileWarning naming them. With latest_only, one row per cell_id (the latest).
+    analyses="merge" (with latest_only): the finished analysis cells' columns (bec,
+    asr_reactivated_*, queries_used, analysis_budget as {analysis: budget}) are copied onto the row
+    of the defense cell each analysed, and analysis rows are left out; "rows": every cell's own row."""
+    if analyses not in ("merge", "rows"):
+        raise ValueError(f"analyses must be 'merge' or 'rows', got {analyses!r}")
     snapshot = _read_all(SweepLayout(out_dir))
     _warn_unreadable(snapshot.bad, "skipped (compact() moves it to results/corrupt/)")
     table, rank = _combine(snapshot)
@@ -371,7 +384,35 @@ def load_results(out_dir: str | os.PathLike, latest_only: bool = True) -> pd.Dat
     df = table.to_pandas()
     if df["cell_id"].isna().any():
         df = df[df["cell_id"].notna()]
+    if analyses == "merge" and latest_only:
+        df = _merge_analyses(df)
     return _sort_frame(df)[list(ROW_COLUMNS)]
+
+
+def _merge_analyses(df: pd.DataFrame) -> pd.DataFrame:
+    """Defense rows with the columns of their finished analysis cells; analysis rows dropped."""
+    is_analysis = (df["stage"] == "analysis").to_numpy()
+    if not is_analysis.any():
+        return df
+    rows = df[~is_analysis].reset_index(drop=True)
+    position = {cell_id: i for i, cell_id in enumerate(rows["cell_id"])}
+    budgets: dict[int, dict[str, Any]] = {}
+    done = df[is_analysis & (df["status"] == "done").to_numpy()]
+    for record in done.to_dict(orient="records"):
+        i = position.get(record["parent_cell_id"])
+        if i is None:
+            continue  # its defense row is not in the table (yet)
+        for name in ANALYSIS_METRICS:
+            if not _is_null(record[name]):
+                rows.at[i, name] = record[name]
+        budget = record["analysis_budget"]
+        with contextlib.suppress(TypeError, ValueError):
+            budget = json.loads(budget)
+        budgets.setdefault(i, {})[str(record["analysis"])] = budget
+    for i, used in budgets.items():
+        rows.at[i, "analysis_budget"] = json.dumps(used, sort_keys=True)
+        rows.at[i, "analysis"] = ",".join(sorted(used))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +514,7 @@ def rebuild_rows_from_markers(out_dir: str | os.PathLike) -> int:
     results table, e.g. after compact() quarantined a corrupt file. Returns how many were written.
     Markers whose row does not validate are reported with a warning and skipped."""
     layout = SweepLayout(out_dir)
-    present = set(load_results(out_dir, latest_only=True)["cell_id"])
+    present = set(load_results(out_dir, latest_only=True, analyses="rows")["cell_id"])
     written = 0
     for marker in layout.markers():
         row = marker.get("row") if isinstance(marker, dict) else None
@@ -615,7 +656,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
         if columns:
             raise ValueError("columns cannot be combined with pivot")
         frame = _pivot(df, pivot)
-        percent = set(frame.columns[1:]) if pivot[2] in METRIC_COLUMNS else set()
+        percent = set(frame.columns[1:]) if pivot[2] in METRIC_COLUMNS or pivot[2].startswith("asr_reactivated") else set()
         headers = [f"{pivot[0]} \\ {pivot[1]}"] + [str(c) for c in frame.columns[1:]]
     else:
         if columns:
@@ -625,10 +666,11 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
             selected = list(columns)
         elif text_format:
             selected = [c for c in DEFAULT_COLUMNS if c in df.columns]
+            selected += [c for c in ANALYSIS_SUMMARY_COLUMNS if c in df.columns and df[c].notna().any()]
         else:
             selected = list(df.columns)
         frame = df[selected]
-        percent = {c for c in selected if c in METRIC_COLUMNS}
+        percent = {c for c in selected if c in METRIC_COLUMNS or c.startswith("asr_reactivated")}
         headers = [str(c) for c in selected]
     if fmt == "csv":
         return frame.to_csv(index=False, lineterminator="\n").rstrip("\n")
@@ -664,7 +706,7 @@ def status_summary(out_dir: str | os.PathLike, plan_total: int | None = None) ->
     (failed cells are rerun on resume); pending = plan_total - finished (None without a plan).
     `rows_missing` counts markers with no row in the table (rebuild_rows_from_markers fixes it)."""
     layout = SweepLayout(out_dir)
-    df = load_results(out_dir, latest_only=True)
+    df = load_results(out_dir, latest_only=True, analyses="rows")
     latest: dict[str, dict[str, Any]] = {r["cell_id"]: r for r in df.to_dict(orient="records")}
     rows_missing = 0
     for marker in layout.markers():
@@ -687,7 +729,8 @@ def status_summary(out_dir: str | os.PathLike, plan_total: int | None = None) ->
     by_stage: dict[str, Counter[str]] = {stage: Counter({s: 0 for s in STATUSES}) for stage in STAGES}
     failed: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    ident = ("cell_id", "stage", "dataset", "model", "attack", "ratio", "label_mode", "target", "seed", "defense")
+    ident = ("cell_id", "stage", "dataset", "model", "attack", "ratio", "label_mode", "target", "seed", "defense",
+             "analysis")
     for cell_id in sorted(latest):
         row = latest[cell_id]
         status, stage = str(row.get("status")), str(row.get("stage"))
@@ -719,8 +762,10 @@ def _describe_cell(entry: Mapping[str, Any]) -> str:
     ratio_text = f"{ratio:g}" if isinstance(ratio, (int, float)) else str(ratio)
     text = (f"{entry.get('cell_id')}  {entry.get('dataset')}/{entry.get('model')}/{entry.get('attack')} "
             f"r={ratio_text} {entry.get('label_mode')} seed={entry.get('seed')}")
-    if entry.get("stage") == "defense" or entry.get("defense") not in (None, "none"):
+    if entry.get("stage") in ("defense", "analysis") or entry.get("defense") not in (None, "none"):
         text += f" defense={entry.get('defense')}"
+    if entry.get("stage") == "analysis":
+        text += f" analysis={entry.get('analysis')}"
     return text
 
 

@@ -1,7 +1,9 @@
 """The driver: run a planned grid as Ray Tune trials, with no barrier between stages.
 
-A custom Tune Searcher hands out attack cells, and releases each attack's defense cells the
-moment that attack finishes. Finished cells are known from their own atomic markers (never from
+A custom Tune Searcher hands out attack cells, releases each attack's defense cells the moment
+that attack finishes, and each defense cell's analysis cells the moment that defense finishes (a
+transfer analysis, which crafts on the sibling defenses, once every defense of its attack cell has
+finished). A cell whose parent failed or was skipped is skipped in turn. Finished cells are known from their own atomic markers (never from
 Tune's snapshot), so a re-run after a crash or Ctrl-C only runs what is missing. The driver alone
 turns markers into Parquet rows and MLflow runs; large grids run as several Tuner shards so the
 driver's memory stays bounded.
@@ -20,7 +22,8 @@ from typing import Any
 from ray import tune
 from ray.tune.search import Searcher
 
-from sweep.execute import ATTACK_FAILED, skipped_marker
+from bdcore.reactivation import ANALYSES
+from sweep.execute import ATTACK_FAILED, DEFENSE_NOT_DONE, UPSTREAM_REASONS, skipped_marker
 from sweep.layout import SweepLayout
 
 log = logging.getLogger("bdsweep")
@@ -64,9 +67,11 @@ class RunOptions:
     executor: str = DEFAULT_EXECUTOR  # "module:function" running one cell (benchmarks swap in a no-op)
 
 
-def cell_payload(cell, kind: str, attack_spec=None) -> dict[str, Any]:
-    """A planned cell as the plain dict a trial's config carries (a defense cell carries its
-    attack cell's spec too: it names the artifact to repair)."""
+def cell_payload(cell, kind: str, attack_spec=None, defense=None, surrogates: list[str] | None = None) -> dict[str, Any]:
+    """A planned cell as the plain dict a trial's config carries. A defense cell carries its attack
+    cell's spec too (it names the artifact to repair); an analysis cell its defense cell's, and the
+    ids of the sibling defense cells when it crafts on surrogates. `parent_cell_id`: the cell whose
+    failure skips this one; `requires`: every cell that must finish before it runs."""
     payload = {
         "kind": kind,
         "cell_id": cell.cell_id,
@@ -75,11 +80,14 @@ def cell_payload(cell, kind: str, attack_spec=None) -> dict[str, Any]:
         "resources": {"cpu": cell.resources.cpu, "gpu": cell.resources.gpu},
     }
     if kind == "attack":
-        payload["spec"] = cell.spec.model_dump()
+        payload.update(spec=cell.spec.model_dump(), requires=[])
+    elif kind == "defense":
+        payload.update(spec=attack_spec.model_dump(), label=cell.label, defense=cell.spec.model_dump(),
+                       parent_cell_id=cell.attack_cell_id, requires=[cell.attack_cell_id])
     else:
-        payload["spec"] = attack_spec.model_dump()
-        payload["label"] = cell.label
-        payload["defense"] = cell.spec.model_dump()
+        payload.update(spec=attack_spec.model_dump(), label=defense.label, defense=defense.spec.model_dump(),
+                       analysis=cell.spec.model_dump(), parent_cell_id=cell.defense_cell_id,
+                       surrogates=list(surrogates or []), requires=[cell.defense_cell_id, *(surrogates or [])])
     return payload
 
 
@@ -169,13 +177,15 @@ class Bookkeeper:
 
 
 class CellSearcher(Searcher):
-    """Hands out attack cells, then each attack's defense cells as soon as the attack is done."""
+    """Hands out ready cells, and releases a waiting cell as soon as every cell it requires has
+    finished (`waiting`: prerequisite id -> payloads; `pending`: cell id -> prerequisites left)."""
 
-    def __init__(self, ready: list[dict], waiting: dict[str, list[dict]], common: dict, books: Bookkeeper,
-                 max_concurrent: int):
+    def __init__(self, ready: list[dict], waiting: dict[str, list[dict]], pending: dict[str, set[str]], common: dict,
+                 books: Bookkeeper, max_concurrent: int):
         super().__init__()
         self.ready = deque(ready)
         self.waiting = waiting
+        self.pending = pending
         self.common = common
         self.books = books
         self.max_concurrent = max_concurrent
@@ -217,16 +227,31 @@ class CellSearcher(Searcher):
             marker = {"row": row, "history": [], "traceback": None}
             layout.write_marker(cell["cell_id"], marker)
         self.books.record(marker)
-        if cell["kind"] == "attack":
-            defenses = self.waiting.pop(cell["cell_id"], [])
-            if marker["row"]["status"] == "done":
-                # Defense cells first in line: the attack's pipeline drains before new attacks start.
-                self.ready.extendleft(reversed(defenses))
-            else:
-                for defense in defenses:
-                    skipped = skipped_marker(defense, self.common["sweep"], ATTACK_FAILED)
-                    layout.write_marker(defense["cell_id"], skipped)
+        self.settle(cell["cell_id"], marker["row"]["status"])
+
+    def settle(self, cell_id: str, status: str) -> None:
+        """Release (or skip, when their parent did not finish) the cells that waited on `cell_id`."""
+        layout = self.books.layout
+        finished = [(cell_id, status)]
+        while finished:
+            done_id, done_status = finished.pop()
+            released = []
+            for dependent in self.waiting.pop(done_id, []):
+                left = self.pending.get(dependent["cell_id"])
+                if left is None:
+                    continue  # already skipped
+                left.discard(done_id)
+                if dependent["parent_cell_id"] == done_id and done_status != "done":
+                    del self.pending[dependent["cell_id"]]
+                    skipped = skipped_marker(dependent, self.common["sweep"], _upstream_reason(dependent))
+                    layout.write_marker(dependent["cell_id"], skipped)
                     self.books.record(skipped)
+                    finished.append((dependent["cell_id"], "skipped"))
+                elif not left:
+                    del self.pending[dependent["cell_id"]]
+                    released.append(dependent)
+            # Released cells first in line: an attack's pipeline drains before new attacks start.
+            self.ready.extendleft(reversed(released))
 
 
 @dataclass
@@ -238,13 +263,17 @@ class SweepOutcome:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
+def _upstream_reason(payload: dict) -> str:
+    return ATTACK_FAILED if payload["kind"] == "defense" else DEFENSE_NOT_DONE
+
+
 def _is_final(marker: dict | None, retry_failed: bool) -> bool:
     if marker is None:
         return False
     row = marker["row"]
     if not retry_failed:
         return True
-    return row["status"] == "done" or (row["status"] == "skipped" and row.get("error") != ATTACK_FAILED)
+    return row["status"] == "done" or (row["status"] == "skipped" and row.get("error") not in UPSTREAM_REASONS)
 
 
 def reconcile(layout: SweepLayout, tracker, markers: dict[str, dict]) -> int:
@@ -252,7 +281,7 @@ def reconcile(layout: SweepLayout, tracker, markers: dict[str, dict]) -> int:
     marker and its own bookkeeping left them out). Returns how many were repaired."""
     from sweep.results import load_results, write_row
 
-    existing = load_results(layout.root)
+    existing = load_results(layout.root, analyses="rows")
     have_rows = set(existing["cell_id"]) if len(existing) else set()
     statuses = dict(zip(existing["cell_id"], existing["status"])) if len(existing) else {}
     repaired = 0
@@ -291,38 +320,32 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     uri = options.mlflow_uri or default_uri(out)
     tracker = make_tracker(uri, plan.name, out)  # creates the sqlite store before any worker exists
 
-    all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses}
+    all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses} | {a.cell_id for a in plan.analyses}
     markers = {m["row"]["cell_id"]: m for m in layout.markers() if m.get("row", {}).get("cell_id") in all_ids}
     reconcile(layout, tracker, markers)
-    final = {cid for cid, m in markers.items() if _is_final(m, options.retry_failed)}
+    final = {cid: m["row"]["status"] for cid, m in markers.items() if _is_final(m, options.retry_failed)}
 
-    attacks_todo, defenses_ready, waiting = [], [], {}
-    for attack in plan.attacks:
-        if attack.cell_id not in final:
-            attacks_todo.append(cell_payload(attack, "attack"))
-    attack_state = {a.cell_id: markers.get(a.cell_id) for a in plan.attacks}
-    attack_specs = {a.cell_id: a.spec for a in plan.attacks}
-    for defense in plan.defenses:
-        if defense.cell_id in final:
-            continue
-        payload = cell_payload(defense, "defense", attack_specs[defense.attack_cell_id])
-        attack_marker = attack_state.get(defense.attack_cell_id)
-        if defense.attack_cell_id in final and attack_marker["row"]["status"] == "done":
-            defenses_ready.append(payload)
-        else:
-            waiting.setdefault(defense.attack_cell_id, []).append(payload)
-    # Attacks already failed for good: their defense cells are skipped, not left pending.
+    todo, waiting, pending = [], {}, {}
     skipped: dict[str, dict] = {}
-    for attack_id in list(waiting):
-        if attack_id in final:
-            for defense in waiting.pop(attack_id):
-                skipped[defense["cell_id"]] = skipped_marker(defense, plan.name, ATTACK_FAILED)
-                layout.write_marker(defense["cell_id"], skipped[defense["cell_id"]])
+    for payload in plan_payloads(plan):  # every cell after the cells it requires
+        if payload["cell_id"] in final:
+            continue
+        parent = payload.get("parent_cell_id")
+        if parent in final and final[parent] != "done":  # its parent failed or was skipped for good
+            skipped[payload["cell_id"]] = skipped_marker(payload, plan.name, _upstream_reason(payload))
+            layout.write_marker(payload["cell_id"], skipped[payload["cell_id"]])
+            final[payload["cell_id"]] = "skipped"
+            continue
+        todo.append(payload)
+        left = {p for p in payload["requires"] if p not in final}
+        if left:
+            pending[payload["cell_id"]] = left
+            for prerequisite in left:
+                waiting.setdefault(prerequisite, []).append(payload)
     if skipped:
         reconcile(layout, tracker, skipped)  # one read of the results table for all of them
 
-    todo = len(attacks_todo) + len(defenses_ready) + sum(len(v) for v in waiting.values())
-    outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - todo)
+    outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - len(todo))
     progress = Progress(plan.total_cells, outcome.already_finished, options.progress)
     books = Bookkeeper(layout, tracker, progress)
     if not todo:
@@ -335,12 +358,12 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             capacity = int(ray.cluster_resources().get("CPU", 1))
             max_concurrent = options.max_concurrent or max(1, capacity)
             os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_concurrent)
-            for shard_ready, shard_waiting, size in _shards(attacks_todo, defenses_ready, waiting, options.shard_size):
-                _run_shard(plan.name, shard_ready, shard_waiting, size, out, options, books, max_concurrent)
+            for shard in _shards(todo, waiting, pending, options.shard_size):
+                _run_shard(plan.name, *shard, out, options, books, max_concurrent)
                 # Fold this shard's one-row files into the dataset now: reading many small files is
                 # what costs memory and time, so never let more than a shard's worth pile up.
                 compact(out)
-            outcome.ran = todo
+            outcome.ran = len(todo)
         finally:
             progress.close()
             books.close()
@@ -356,28 +379,51 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     return outcome
 
 
-def _shards(attacks_todo: list[dict], defenses_ready: list[dict], waiting: dict[str, list[dict]], shard_size: int):
-    """Split the work into Tuner runs of at most ~shard_size cells; an attack and its defense
-    cells always stay in the same shard."""
-    groups: list[tuple[list[dict], dict[str, list[dict]]]] = []
-    for start in range(0, len(defenses_ready), shard_size):
-        groups.append((defenses_ready[start:start + shard_size], {}))
-    current: list[dict] = []
-    current_waiting: dict[str, list[dict]] = {}
-    size = 0
-    for attack in attacks_todo:
-        deps = waiting.get(attack["cell_id"], [])
-        if current and size + 1 + len(deps) > shard_size:
-            groups.append((current, current_waiting))
-            current, current_waiting, size = [], {}, 0
-        current.append(attack)
-        if deps:
-            current_waiting[attack["cell_id"]] = deps
-        size += 1 + len(deps)
-    if current:
-        groups.append((current, current_waiting))
-    for ready, shard_waiting in groups:
-        yield ready, shard_waiting, len(ready) + sum(len(v) for v in shard_waiting.values())
+def plan_payloads(plan) -> list[dict]:
+    """Every cell of `plan` as a payload, each after the cells it requires."""
+    attack_specs = {a.cell_id: a.spec for a in plan.attacks}
+    defenses = {d.cell_id: d for d in plan.defenses}
+    payloads = [cell_payload(attack, "attack") for attack in plan.attacks]
+    payloads += [cell_payload(d, "defense", attack_specs[d.attack_cell_id]) for d in plan.defenses]
+    for cell in plan.analyses:
+        defense = defenses[cell.defense_cell_id]
+        siblings = None
+        if ANALYSES.get(cell.spec.analysis).needs_surrogates:
+            siblings = [d.cell_id for d in plan.defenses_of(cell.attack_cell_id) if d.cell_id != defense.cell_id]
+        payloads.append(cell_payload(cell, "analysis", attack_specs[cell.attack_cell_id], defense, siblings))
+    return payloads
+
+
+def _shards(todo: list[dict], waiting: dict[str, list[dict]], pending: dict[str, set[str]], shard_size: int):
+    """Split the work into Tuner runs of at most ~shard_size cells; the cells of one attack cell
+    (which are the only ones that wait on each other) always stay in the same shard. Yields
+    (ready, waiting, pending, size) per shard."""
+    groups: dict[str, list[dict]] = {}
+    for payload in todo:
+        groups.setdefault(payload["attack_cell_id"], []).append(payload)
+    # Groups whose attack already finished first: their cells are ready to run now.
+    ordered = sorted(groups.values(), key=lambda group: group[0]["kind"] == "attack")
+    shard: list[dict] = []
+    for group in ordered:
+        if shard and len(shard) + len(group) > shard_size:
+            yield _shard(shard, waiting, pending)
+            shard = []
+        shard += group
+    if shard:
+        yield _shard(shard, waiting, pending)
+
+
+def _shard(payloads: list[dict], waiting: dict[str, list[dict]], pending: dict[str, set[str]]):
+    ids = {p["cell_id"] for p in payloads}
+    ready = [p for p in payloads if p["cell_id"] not in pending]
+    ready.sort(key=lambda p: p["kind"] == "attack")  # finish started pipelines before new attacks
+    shard_waiting = {}
+    for prerequisite, dependents in waiting.items():
+        mine = [d for d in dependents if d["cell_id"] in ids]
+        if mine:
+            shard_waiting[prerequisite] = mine
+    shard_pending = {cid: set(left) for cid, left in pending.items() if cid in ids}
+    return ready, shard_waiting, shard_pending, len(payloads)
 
 
 def _trial_name(trial) -> str:
@@ -392,11 +438,11 @@ def _quiet_tune_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _run_shard(name: str, ready: list[dict], waiting: dict[str, list[dict]], size: int, out: Path,
-               options: RunOptions, books: Bookkeeper, max_concurrent: int) -> None:
+def _run_shard(name: str, ready: list[dict], waiting: dict[str, list[dict]], pending: dict[str, set[str]], size: int,
+               out: Path, options: RunOptions, books: Bookkeeper, max_concurrent: int) -> None:
     _quiet_tune_logs()
     common = {"out": str(out), "sweep": name, "device": options.device, "executor": options.executor}
-    searcher = CellSearcher(ready, waiting, common, books, max_concurrent)
+    searcher = CellSearcher(ready, waiting, pending, common, books, max_concurrent)
     trainable = tune.with_resources(cell_trainable, cell_resources)
     tuner = tune.Tuner(
         trainable,

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweep.layout import ANALYSIS_METRICS
+
 PARENT_TAG = "bdsweep.parent"
 
 
@@ -68,18 +70,19 @@ class Tracker:
         row = marker["row"]
         cell_id = row["cell_id"]
         tags = {k: str(row[k]) for k in ("stage", "dataset", "model", "attack", "defense", "label_mode", "status",
-                                          "attack_cell_id") if row.get(k) is not None}
+                                          "attack_cell_id", "analysis", "parent_cell_id") if row.get(k) is not None}
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
         run_id = self.runs.get(cell_id)
         created = run_id is None
         if created:  # tags go with the creation: one sqlite transaction fewer per cell
-            run_name = f"{row['stage']}:{row['attack']}-{row['defense']}-r{row['ratio']:g}-s{row['seed']}"
+            stage = f"analysis:{row.get('analysis')}" if row["stage"] == "analysis" else row["stage"]
+            run_name = f"{stage}:{row['attack']}-{row['defense']}-r{row['ratio']:g}-s{row['seed']}"
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags={
                 "mlflow.parentRunId": self.parent_id, "cell_id": cell_id, **tags}).info.run_id
             self.runs[cell_id] = run_id
             tags = {}
-        params = {k: str(row[k]) for k in ("ratio", "seed", "target", "attack_params", "defense_params")
+        params = {k: str(row[k]) for k in ("ratio", "seed", "target", "attack_params", "defense_params", "analysis_budget")
                   if row.get(k) is not None}
         if created:
             params = {k: v[:6000] for k, v in params.items()}
@@ -87,8 +90,8 @@ class Tracker:
             existing = self.client.get_run(run_id).data.params
             params = {k: v[:6000] for k, v in params.items() if k not in existing}
         timestamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(row[k]), timestamp, 0) for k in ("acc", "asr", "ra", "der", "rir", "wall_s")
-                   if _is_number(row.get(k))]
+        metrics = [Metric(k, float(row[k]), timestamp, 0) for k in ("acc", "asr", "ra", "der", "rir", "wall_s",
+                                                                    *ANALYSIS_METRICS) if _is_number(row.get(k))]
         diagnostics = _diagnostics(row.get("diagnostics"))
         metrics += [Metric(f"diag_{k}", float(v), timestamp, 0) for k, v in diagnostics.items() if _is_number(v)]
         tags.update({f"diag_{k}": json.dumps(v, default=str)[:5000] for k, v in diagnostics.items()

@@ -245,6 +245,13 @@ def error(text_or_grid) -> str:
     (base(name="my grid"), "name: String should match pattern"),
     (base(label_modes=["all2none"]), "label_modes[0]: Input should be 'all2one' or 'all2all'"),
     ("- just\n- a list\n", "a grid is a mapping"),
+    (base(analysis=["bek"]), "analysis[0].name: unknown analysis 'bek' (known: bec, reactivate_query"),
+    (base(analysis=[{"name": "reactivate_wb", "params": {"outer_step": 3}}]),
+     "analysis[0].params: unknown parameter 'outer_step' for analysis 'reactivate_wb' (accepted: samples, norm, eps"),
+    (base(analysis=[{"name": "reactivate_wb", "params": {"norm": "l1"}}]), "analysis[0].params.norm: Input should be"),
+    (base(analysis=[{"name": "reactivate_query", "params": {"queries": 0}}]), "analysis[0].params.queries: Input should"),
+    (base(analysis=[{"name": "bec", "params": {"seed": 1}}]), "analysis[0].params: 'seed' is a grid axis"),
+    (base(analysis=["bec", "bec"]), "analysis[1].name: 'bec' is listed twice"),
 ])
 def test_invalid_grids_raise_one_line_errors_with_the_key_path(grid, expected):
     assert expected in error(grid)
