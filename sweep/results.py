@@ -726,7 +726,8 @@ def status_summary(out_dir: str | os.PathLike, plan_total: int | None = None) ->
             latest[row["cell_id"]] = row
 
     by_status: Counter[str] = Counter({s: 0 for s in STATUSES})
-    by_stage: dict[str, Counter[str]] = {stage: Counter({s: 0 for s in STATUSES}) for stage in STAGES}
+    # attack and defense always listed; analysis only in sweeps that have analysis cells
+    by_stage: dict[str, Counter[str]] = {stage: Counter({s: 0 for s in STATUSES}) for stage in STAGES[:2]}
     failed: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     ident = ("cell_id", "stage", "dataset", "model", "attack", "ratio", "label_mode", "target", "seed", "defense",

@@ -82,6 +82,19 @@ def test_backdoorbench_cifar10_loads_and_plans(monkeypatch, tmp_path):
     pending = re.findall(r"^  # - (\w+) +# not implemented yet", text, flags=re.M)
     assert not set(pending) & (set(attack_names()) | set(defense_names()))
 
+def test_reactivation_grids_load_and_plan_analysis_cells(monkeypatch, tmp_path):
+    monkeypatch.setenv("BDCORE_DATA_ROOT", str(tmp_path))
+    monkeypatch.delenv("BDCORE_CIFAR10_ROOT", raising=False)
+    paper = expand(load_grid(GRIDS / "reactivation.yaml"))
+    assert (len(paper.attacks), len(paper.defenses), len(paper.analyses)) == (7, 49, 196)
+    assert {a.spec.analysis for a in paper.analyses} == {"bec", "reactivate_wb", "reactivate_query", "reactivate_transfer"}
+    assert {d.label for d in paper.defenses} <= set(defense_names())
+    assert paper.analyses[0].resources.gpu == 0.5
+    laptop = expand(load_grid(GRIDS / "reactivation-digits.yaml"))
+    assert (len(laptop.attacks), len(laptop.defenses), len(laptop.analyses), laptop.total_cells) == (2, 6, 24, 32)
+    assert laptop.warnings == []
+
+
 # -- semantics ------------------------------------------------------------------------------
 
 def test_exclude_drops_attack_cells_or_only_defense_cells():
@@ -308,7 +321,8 @@ def test_plan_summary_counts_markers(tmp_path):
         layout.write_marker(cell_id, {"row": {"cell_id": cell_id, "status": status}})
     layout.write_marker("0123456789abcdef", {"row": {"cell_id": "0123456789abcdef", "status": "done"}})  # not ours
     summary = plan_summary(plan, tmp_path)
-    assert summary == {"name": "t", "attack_cells": 4, "defense_cells": 8, "total_cells": 12, "done": 2,
+    assert summary == {"name": "t", "attack_cells": 4, "defense_cells": 8, "analysis_cells": 0, "total_cells": 12,
+                       "done": 2,
                        "failed": 1, "skipped": 1, "pending": 8, "warnings": []}
     assert plan_summary(plan, tmp_path / "nothing")["pending"] == 12
     text = format_plan(summary)
