@@ -216,3 +216,31 @@ def test_an_attack_cell_trains_on_a_caption_table(tmp_path, digits, clean_tiny_c
     missing = spec.model_copy(update={"train": {**spec.train, "captions": str(tmp_path / "nope.csv")}})
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         run_attack_cell(missing, tmp_path / "out", device="cpu", data=digits)
+
+
+# Measured on this cell after ft_clip (ACC 0.911 / ASR 0.084), white-box 10 x 5 steps: at the paper's Linf 0.05
+# every model reaches ASR 1.0, the clean CLIP too (clip:tiny is not robust: at that budget any target is a plain
+# adversarial perturbation away, which is what the control is for); at 0.01 defended 0.265 / clean 0.031 /
+# undefended 1.0; at 0.02 0.586 / 0.361 / 1.0; at 0.005 0.146 / 0.006 / 1.0. BEC 0.25 (top 5% 0.29).
+CLIP_WB = dict(outer_steps=10, batch_size=128, eps=0.01)
+
+
+def test_reactivation_analyses_run_on_a_clip_cell_through_its_zero_shot_classifier(clip_attack_dir, digits):
+    """bdcore.reactivation on CLIP: the white-box perturbation and BEC act on the zero-shot classifier
+    (image encoder + class-name text embeddings), with a clean CLIP of the same fine-tuning as the control."""
+    from bdcore.reactivation.cells import AnalysisCellSpec, clean_reference_dir, run_analysis_cell
+
+    out, spec, attacked = clip_attack_dir
+    defended = run_defense_cell(attacked.path, DefenseCellSpec(defense="ft_clip", params={**FINETUNE, "lr": 1.2e-3}),
+                                out, device="cpu", data=digits)
+    assert defended.metrics.asr < 0.2, defended.metrics
+    wb = run_analysis_cell(attacked.path, defended.path, AnalysisCellSpec(analysis="reactivate_wb", params=CLIP_WB),
+                           out, device="cpu", data=digits).columns
+    # The dormant backdoor answers a budget that neither wakes a clean CLIP nor is needed by the undefended one.
+    assert wb["asr_reactivated_wb"] >= 2 * defended.metrics.asr, wb
+    assert wb["asr_reactivated_wb"] - wb["asr_reactivated_wb_clean"] >= 0.1, wb
+    assert wb["asr_reactivated_wb_undefended"] >= 0.95, wb
+    assert (clean_reference_dir(out, spec) / "metadata.json").is_file()
+    bec = run_analysis_cell(attacked.path, defended.path, AnalysisCellSpec(analysis="bec"), out, device="cpu",
+                            data=digits).columns
+    assert 0 < bec["bec"] < 1, bec
