@@ -8,7 +8,8 @@ orientation.
 
     .venv/bin/python bench/reactivation_cost.py [--json] [--paper]
 
---paper adds the paper's full budgets (white-box 50 x 5 steps, 10,000 queries): minutes on a CPU.
+--paper adds the paper's full budgets (white-box 50 x 5 steps, 10,000 queries of 500 images): on a CPU the
+query analysis alone takes about an hour (three models).
 """
 from __future__ import annotations
 

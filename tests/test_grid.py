@@ -82,6 +82,7 @@ def test_backdoorbench_cifar10_loads_and_plans(monkeypatch, tmp_path):
     pending = re.findall(r"^  # - (\w+) +# not implemented yet", text, flags=re.M)
     assert not set(pending) & (set(attack_names()) | set(defense_names()))
 
+
 def test_reactivation_grids_load_and_plan_analysis_cells(monkeypatch, tmp_path):
     monkeypatch.setenv("BDCORE_DATA_ROOT", str(tmp_path))
     monkeypatch.delenv("BDCORE_CIFAR10_ROOT", raising=False)
@@ -322,8 +323,7 @@ def test_plan_summary_counts_markers(tmp_path):
     layout.write_marker("0123456789abcdef", {"row": {"cell_id": "0123456789abcdef", "status": "done"}})  # not ours
     summary = plan_summary(plan, tmp_path)
     assert summary == {"name": "t", "attack_cells": 4, "defense_cells": 8, "analysis_cells": 0, "total_cells": 12,
-                       "done": 2,
-                       "failed": 1, "skipped": 1, "pending": 8, "warnings": []}
+                       "done": 2, "failed": 1, "skipped": 1, "pending": 8, "warnings": []}
     assert plan_summary(plan, tmp_path / "nothing")["pending"] == 12
     text = format_plan(summary)
     assert "12 cells (4 attack + 8 defense)" in text and "pending" in text
