@@ -19,14 +19,16 @@ _LAZY = {
     "status_summary": "sweep.results",
     "format_status": "sweep.results",
     "rebuild_rows_from_markers": "sweep.results",
+    "query_results": "sweep.query",
 }
 
 __all__ = [
-    "compact", "format_results", "format_status", "load_results", "rebuild_rows_from_markers",
+    "compact", "format_results", "format_status", "load_results", "query_results", "rebuild_rows_from_markers",
     "status_summary", "write_row",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sweep.query import query_results
     from sweep.results import (
         compact,
         format_results,

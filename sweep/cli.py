@@ -128,6 +128,18 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from sweep.query import QueryError, query_results
+    from sweep.results import format_results
+
+    try:
+        frame = query_results(args.dir, args.sql)
+    except (FileNotFoundError, QueryError) as exc:
+        raise UsageError(str(exc)) from exc
+    print(format_results(frame, args.format, columns=[str(c) for c in frame.columns]))
+    return 0
+
+
 def cmd_show_trigger(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -247,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--where", default=None, help="pandas query, e.g. \"attack == 'badnet' and ratio >= 0.05\"")
     results.add_argument("--pivot", nargs=3, metavar=("ROWS", "COLS", "VALUE"), default=None)
     results.set_defaults(func=cmd_results)
+
+    query = sub.add_parser("query", help="run SQL (DuckDB) over the results of an output folder",
+                           description="Tables: results (latest row per cell, analysis columns merged onto "
+                                       "defense rows), cells (analysis cells as their own rows), attempts "
+                                       "(every row written). No file access from the SQL.")
+    query.add_argument("dir")
+    query.add_argument("sql", help="e.g. \"SELECT defense, avg(asr) AS asr FROM results GROUP BY ALL\"")
+    query.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    query.set_defaults(func=cmd_query)
 
     status = sub.add_parser("status", help="counts of finished / failed / skipped cells, with failures")
     status.add_argument("dir")
