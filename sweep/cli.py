@@ -140,6 +140,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sweep.report import build_report
+
+    try:
+        report = build_report(args.dir, args.out)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"report: {report.html}  (Markdown: {report.markdown}; {len(report.images)} figures)")
+    return 0
+
+
 def cmd_show_trigger(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -268,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help="e.g. \"SELECT defense, avg(asr) AS asr FROM results GROUP BY ALL\"")
     query.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
     query.set_defaults(func=cmd_query)
+
+    report = sub.add_parser("report", help="write an HTML report (and its Markdown twin) of an output folder")
+    report.add_argument("dir")
+    report.add_argument("--out", default=None, help="report folder (default DIR/report)")
+    report.set_defaults(func=cmd_report)
 
     status = sub.add_parser("status", help="counts of finished / failed / skipped cells, with failures")
     status.add_argument("dir")

@@ -164,6 +164,14 @@ def test_a_sweep_adds_analysis_columns_to_each_defense_row(tmp_path, ray_address
     again = run_sweep(plan, RunOptions(out=out, progress=False, device="cpu"))
     assert again.ran == 0 and SweepLayout(out).execution_counts() == before
 
+    # The report of this finished sweep shows the analysis columns on the defense rows.
+    from sweep.report import build_report
+
+    report = build_report(out)
+    md = report.markdown.read_text()
+    assert "| attack | defense | ACC | ASR | RA | DER | bec | asr_reactivated_wb |" in md
+    assert f"{100 * ft['asr_reactivated_wb']:.2f}" in md and all(p.stat().st_size > 0 for p in report.images)
+
 
 def pd_notna(value) -> bool:
     import pandas as pd
