@@ -17,7 +17,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bdcore.atomic import atomic_replace_dir
-from sweep.results import ANALYSIS_SUMMARY_COLUMNS, load_results, status_summary
+from sweep.results import ANALYSIS_SUMMARY_COLUMNS, is_percent_column, label_order, load_results, status_summary
 
 LEADERBOARD_METRICS = ("acc", "asr", "ra", "der")
 PUBLISHED = Path(__file__).resolve().parent / "data" / "backdoorbench_cifar10.json"
@@ -72,15 +72,11 @@ class Report:
 
 # -- numbers ------------------------------------------------------------------------------------
 
-def _is_percent(metric: str) -> bool:
-    return metric in LEADERBOARD_METRICS or metric == "rir" or metric.startswith("asr_reactivated")
-
-
 def format_value(metric: str, mean: float, std: float = float("nan"), n: int = 1) -> str:
     """How a (mean, std over n seeds) prints: metrics in % with 2 decimals, BEC with 3."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    scale, digits = (100.0, 2) if _is_percent(metric) else (1.0, 3)
+    scale, digits = (100.0, 2) if is_percent_column(metric) else (1.0, 3)
     text = f"{scale * mean:.{digits}f}"
     if n > 1 and not math.isnan(std):
         text += f" ± {scale * std:.{digits}f}"
@@ -109,10 +105,6 @@ def aggregate(done: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def _defense_order(labels: Sequence[str]) -> list[str]:
-    return sorted(set(labels), key=lambda d: (d != "none", d))
-
-
 def _attack_label(row: pd.Series | dict) -> str:
     return row["attack"] if row["label_mode"] == "all2one" else f"{row['attack']} ({row['label_mode']})"
 
@@ -129,7 +121,7 @@ def _leaderboard(group: pd.DataFrame, metrics: list[str], title: str) -> Table:
     labels = group.apply(_attack_label, axis=1)
     for attack in sorted(set(labels)):
         rows = group[labels == attack]
-        rows = rows.set_index("defense").loc[_defense_order(rows["defense"])].reset_index()
+        rows = rows.set_index("defense").loc[label_order(set(rows["defense"]))].reset_index()
         defended = rows[rows["defense"] != "none"]["der"]
         best = defended.idxmax() if defended.notna().any() else None
         for i, row in rows.iterrows():
@@ -151,7 +143,7 @@ def _heatmap(group: pd.DataFrame, metric: str, path: Path, title: str) -> bool:
     labels = frame.apply(_attack_label, axis=1)
     grid = frame.assign(attack_label=labels).pivot_table(index="attack_label", columns="defense", values=metric,
                                                          aggfunc="mean")
-    grid = grid.reindex(columns=_defense_order(grid.columns))
+    grid = grid.reindex(columns=label_order(grid.columns))
     fig, ax = plt.subplots(figsize=(1.1 + 0.7 * grid.shape[1], 1.0 + 0.45 * grid.shape[0]))
     image = ax.imshow(100 * grid.to_numpy(dtype=float), vmin=0, vmax=100, cmap="RdYlGn_r" if metric == "asr"
                       else "RdYlGn", aspect="auto")
@@ -175,7 +167,7 @@ def _ratio_curves(frame: pd.DataFrame, path: Path, title: str) -> bool:
     if frame["ratio"].nunique() < 2:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for defense in _defense_order(frame["defense"]):
+    for defense in label_order(set(frame["defense"])):
         line = frame[frame["defense"] == defense].sort_values("ratio")
         mean, std = 100 * line["asr"].to_numpy(float), 100 * line["asr_std"].fillna(0).to_numpy(float)
         (drawn,) = ax.plot(line["ratio"], mean, marker="o", markersize=3, label=defense)

@@ -547,7 +547,12 @@ def _apply_where(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return out
 
 
-def _label_order(labels: Sequence[Any]) -> list[Any]:
+def is_percent_column(name: str) -> bool:
+    """Columns that text formats print as percentages: the metrics and the re-activation ASRs."""
+    return name in METRIC_COLUMNS or name.startswith("asr_reactivated")
+
+
+def label_order(labels: Sequence[Any]) -> list[Any]:
     """Sorted labels with "none" (no defense) first; the given order if they do not sort."""
     labels = list(labels)
     try:
@@ -571,7 +576,7 @@ def _pivot(df: pd.DataFrame, pivot: Sequence[str]) -> pd.DataFrame:
         return pd.DataFrame({rows: pd.Series([], dtype=object)})
     table = df.pivot_table(index=rows, columns=cols, values=value, aggfunc="mean", dropna=False,
                            observed=True, sort=False)
-    table = table.reindex(index=_label_order(table.index), columns=_label_order(table.columns))
+    table = table.reindex(index=label_order(table.index), columns=label_order(table.columns))
     table.columns = [str(c) for c in table.columns]
     table.index.name = rows
     return table.reset_index()
@@ -656,7 +661,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
         if columns:
             raise ValueError("columns cannot be combined with pivot")
         frame = _pivot(df, pivot)
-        percent = set(frame.columns[1:]) if pivot[2] in METRIC_COLUMNS or pivot[2].startswith("asr_reactivated") else set()
+        percent = set(frame.columns[1:]) if is_percent_column(pivot[2]) else set()
         headers = [f"{pivot[0]} \\ {pivot[1]}"] + [str(c) for c in frame.columns[1:]]
     else:
         if columns:
@@ -670,7 +675,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
         else:
             selected = list(df.columns)
         frame = df[selected]
-        percent = {c for c in selected if c in METRIC_COLUMNS or c.startswith("asr_reactivated")}
+        percent = {c for c in selected if is_percent_column(c)}
         headers = [str(c) for c in selected]
     if fmt == "csv":
         return frame.to_csv(index=False, lineterminator="\n").rstrip("\n")
