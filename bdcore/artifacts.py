@@ -118,23 +118,38 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return metadata
 
 
+def verify_artifact(folder: str | os.PathLike) -> dict:
+    """Check an artifact without loading it (metadata, every file present, every hash); returns
+    its metadata. Any problem is an ArtifactError."""
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    for name, expected in metadata["files"].items():
+        _verify_file(folder, name, expected)
+    return metadata
+
+
+def _verify_file(folder: Path, name: str, expected: str) -> Path:
+    if name not in (MODEL_FILE, EXTRA_FILE):
+        raise ArtifactError(f"artifact {str(folder)!r}: unexpected file {name!r} in metadata")
+    path = folder / name
+    if not path.is_file():
+        raise ArtifactError(f"artifact {str(folder)!r} is incomplete: {name} is missing")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ArtifactError(
+            f"artifact {str(folder)!r} is corrupted: {name} has sha256 {actual[:12]}..., "
+            f"metadata says {str(expected)[:12]}... (truncated or modified file)"
+        )
+    return path
+
+
 def load_artifact(folder: str | os.PathLike) -> Artifact:
     """Load and verify an artifact; any missing file or hash mismatch is an ArtifactError."""
     folder = Path(folder)
     metadata = read_metadata(folder)
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     for name, expected in metadata["files"].items():
-        if name not in (MODEL_FILE, EXTRA_FILE):
-            raise ArtifactError(f"artifact {str(folder)!r}: unexpected file {name!r} in metadata")
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"artifact {str(folder)!r} is incomplete: {name} is missing")
-        actual = file_sha256(path)
-        if actual != expected:
-            raise ArtifactError(
-                f"artifact {str(folder)!r} is corrupted: {name} has sha256 {actual[:12]}..., "
-                f"metadata says {str(expected)[:12]}... (truncated or modified file)"
-            )
+        path = _verify_file(folder, name, expected)
         try:
             loaded[name] = load_file(str(path))
         except Exception as exc:

@@ -10,14 +10,17 @@ import json
 import time
 import traceback
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
+from sweep.failpoints import failpoint
 from sweep.layout import ANALYSIS_METRICS, SweepLayout
 
 ATTACK_FAILED = "attack cell failed"
 DEFENSE_NOT_DONE = "the defense cell it analyses did not finish (failed or skipped)"
 # Skip reasons that come from an upstream cell: such a skip is redone when that cell reruns.
 UPSTREAM_REASONS = (ATTACK_FAILED, DEFENSE_NOT_DONE)
+# The audit line (DIR/executions.jsonl) each real computation leaves: a finished cell never reruns.
+EXECUTION_EVENTS = {"attack": "attack_trained", "defense": "defense_ran", "analysis": "analysis_ran"}
 
 
 def now_iso() -> str:
@@ -64,20 +67,28 @@ def skipped_marker(cell: dict, sweep: str, reason: str) -> dict:
     return {"row": row, "history": [], "traceback": None}
 
 
-def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
+def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto", work: Callable | None = None) -> dict:
     """Run an attack, defense or analysis cell (retrying up to cell['retries'] times) and write its marker.
-    Returns the marker. A cell that already has a done/skipped marker is not run again."""
+    Returns the marker. A cell that already has a done/skipped marker is not run again, and the
+    cell's lock keeps two processes from running it at once. `work` replaces the computation
+    (default: bdcore's; the no-op and simulated executors below swap in their own)."""
     layout = SweepLayout(out_dir)
-    existing = layout.read_marker(cell["cell_id"])
-    if existing is not None and existing["row"]["status"] in ("done", "skipped"):
-        return existing
-    if cell["kind"] != "attack":
-        parent = layout.read_marker(cell.get("parent_cell_id", cell["attack_cell_id"]))
-        if parent is None or parent["row"]["status"] != "done":
-            marker = skipped_marker(cell, sweep, ATTACK_FAILED if cell["kind"] == "defense" else DEFENSE_NOT_DONE)
-            layout.write_marker(cell["cell_id"], marker)
-            return marker
+    with layout.cell_lock(cell["cell_id"]):
+        existing = layout.read_marker(cell["cell_id"])
+        if existing is not None and existing["row"]["status"] in ("done", "skipped"):
+            return existing
+        if cell["kind"] != "attack":
+            parent = layout.read_marker(cell.get("parent_cell_id", cell["attack_cell_id"]))
+            if parent is None or parent["row"]["status"] != "done":
+                marker = skipped_marker(cell, sweep, ATTACK_FAILED if cell["kind"] == "defense" else DEFENSE_NOT_DONE)
+                layout.write_marker(cell["cell_id"], marker)
+                return marker
+        marker = _attempts(cell, out_dir, sweep, device, work or _run_once)
+        layout.write_marker(cell["cell_id"], marker)
+        return marker
 
+
+def _attempts(cell: dict, out_dir: str, sweep: str, device: str, work: Callable) -> dict:
     row = base_row(cell, sweep)
     started = time.perf_counter()
     history: list[dict] = []
@@ -86,7 +97,7 @@ def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict
         row["attempts"] = attempt
         try:
             history = []
-            _run_once(cell, out_dir, device, row, history)
+            work(cell, out_dir, device, row, history)
             tb = None
             break
         except Exception as exc:  # recorded, retried, then reported as failed: the sweep goes on
@@ -94,9 +105,7 @@ def run_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict
             tb = traceback.format_exc()
     row["wall_s"] = time.perf_counter() - started
     row["finished_at"] = now_iso()
-    marker = {"row": row, "history": history, "traceback": tb}
-    layout.write_marker(cell["cell_id"], marker)
-    return marker
+    return {"row": row, "history": history, "traceback": tb}
 
 
 def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -> None:
@@ -113,7 +122,7 @@ def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -
         if result.reused and result.history:
             history.extend(result.history)
         else:
-            layout.log_execution(cell["cell_id"], "attack_trained")
+            layout.log_execution(cell["cell_id"], EXECUTION_EVENTS["attack"])
         m = result.metrics
         row.update(acc=m.acc, asr=m.asr, ra=m.ra, status="done", error=None, artifact=str(result.path))
         return
@@ -123,7 +132,7 @@ def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -
     defense = DefenseCellSpec(**cell["defense"])
     result = run_defense_cell(attack_cell_dir(out_dir, spec), defense, out_dir, device=device, on_epoch_end=record)
     if not result.reused:
-        layout.log_execution(cell["cell_id"], "defense_ran")
+        layout.log_execution(cell["cell_id"], EXECUTION_EVENTS["defense"])
     if result.status == "skipped":
         row.update(status="skipped", error=result.reason)
         return
@@ -152,7 +161,7 @@ def _run_analysis(cell: dict, out_dir: str, device: str, row: dict, layout: Swee
         row.update(status="skipped", error=str(exc))
         return
     if not result.reused:
-        layout.log_execution(cell["cell_id"], "analysis_ran")
+        layout.log_execution(cell["cell_id"], EXECUTION_EVENTS["analysis"])
     columns = {k: v for k, v in result.columns.items() if k in ANALYSIS_METRICS}
     extra = {k: v for k, v in result.columns.items() if k not in ANALYSIS_METRICS}
     row.update(columns, status="done", error=None, artifact=str(result.path),
@@ -161,16 +170,67 @@ def _run_analysis(cell: dict, out_dir: str, device: str, row: dict, layout: Swee
 
 
 def noop_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto") -> dict:
-    """An executor that computes nothing but leaves a real marker: it measures the engine's own
-    per-cell overhead (planning, Tune, markers, Parquet, MLflow) in bench/engine_overhead.py."""
-    layout = SweepLayout(out_dir)
-    row = base_row(cell, sweep)
-    row.update(status="done", acc=1.0, asr=0.0, ra=1.0, attempts=1, finished_at=now_iso())
+    """An executor that computes nothing but goes through run_cell (lock, marker checks, marker):
+    it measures the engine's own per-cell overhead in bench/engine_overhead.py and bench/large_grid.py."""
+    return run_cell(cell, out_dir, sweep, device, work=_noop_work)
+
+
+def _noop_work(cell: dict, out_dir: str, device: str, row: dict, history: list) -> None:
+    row.update(status="done", error=None, acc=1.0, asr=0.0, ra=1.0)
     if cell["kind"] == "defense":
         row.update(der=0.5, rir=0.5)
     if cell["kind"] == "analysis":
         row.update(acc=None, asr=None, ra=None)
-    layout.log_execution(cell["cell_id"], f"{cell['kind']}_noop")
-    marker = {"row": row, "history": [], "traceback": None}
-    layout.write_marker(cell["cell_id"], marker)
-    return marker
+    SweepLayout(out_dir).log_execution(cell["cell_id"], f"{cell['kind']}_noop")
+
+
+
+def simulated_cell(cell: dict, out_dir: str, sweep: str, device: str = "auto", epochs: int = 3,
+                   epoch_seconds: float = 0.2) -> dict:
+    """An executor that stands in for bdcore with the same crash behaviour and none of the compute
+    (the chaos tests): `epochs` sleeps, an epoch checkpoint it resumes from, an artifact a defense
+    cell needs from its attack cell, reuse of a complete artifact, and the same execution log."""
+    def work(cell: dict, out_dir: str, device: str, row: dict, history: list) -> None:
+        _simulated_work(cell, SweepLayout(out_dir), row, history, int(epochs), float(epoch_seconds))
+
+    return run_cell(cell, out_dir, sweep, device, work=work)
+
+
+def _simulated_work(cell: dict, layout: SweepLayout, row: dict, history: list, epochs: int, epoch_seconds: float) -> None:
+    import torch
+
+    from bdcore.artifacts import ArtifactError, save_artifact, verify_artifact
+    from bdcore.atomic import atomic_write_json
+
+    cell_id = cell["cell_id"]
+    if cell["kind"] != "attack":  # like a real defense, it loads (and verifies) its parent's artifact
+        parent = layout.read_marker(cell["parent_cell_id"] if cell["kind"] == "analysis" else cell["attack_cell_id"])
+        verify_artifact(parent["row"]["artifact"] or "")
+    artifact = layout.root / "simulated" / cell_id
+    try:
+        saved = verify_artifact(artifact)
+    except ArtifactError:
+        saved = None
+    if saved is None:
+        checkpoint = layout.root / "work" / "simulated" / f"{cell_id}.json"
+        try:
+            start = int(json.loads(checkpoint.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            start = 0
+        for epoch in range(start, epochs):
+            time.sleep(epoch_seconds)
+            atomic_write_json(checkpoint, {"epoch": epoch + 1})
+            if cell["kind"] == "attack" and epoch == start:
+                failpoint("attack_training")
+        metrics = {"acc": 0.9, "asr": 0.95 if cell["kind"] == "attack" else 0.1, "ra": 0.5}
+        save_artifact(artifact, {"weight": torch.full((4,), float(epochs))},
+                      {"kind": "simulated", "cell_id": cell_id, "resumed_from_epoch": start, "metrics": metrics})
+        saved = verify_artifact(artifact)
+        checkpoint.unlink(missing_ok=True)
+        layout.log_execution(cell_id, EXECUTION_EVENTS[cell["kind"]])
+    history.extend({"epoch": epoch, "train_loss": 1.0 / (epoch + 1)} for epoch in range(epochs))
+    row.update(status="done", error=None, artifact=str(artifact))
+    if cell["kind"] != "analysis":
+        row.update(saved["metrics"])
+    if cell["kind"] == "defense":
+        row.update(der=0.9, rir=0.5)

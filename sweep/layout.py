@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -108,22 +109,59 @@ class SweepLayout:
     def read_marker(self, cell_id: str) -> dict | None:
         """The marker of a cell, or None when it has none (or an unreadable one: it reruns)."""
         try:
-            return json.loads(self.marker(cell_id).read_text())
+            marker = json.loads(self.marker(cell_id).read_text())
         except (OSError, ValueError):
             return None
+        return marker if isinstance(marker, dict) and isinstance(marker.get("row"), dict) else None
 
     def write_marker(self, cell_id: str, marker: dict) -> None:
         atomic_write_json(self.marker(cell_id), marker)
+
+    def cell_lock(self, cell_id: str):
+        """An exclusive lock held while a cell runs: a second process given the same cell (a worker
+        orphaned by a killed driver, a trial retried elsewhere) waits, then finds its marker. The OS
+        drops the lock with the process that held it, so a killed worker never leaves it stuck."""
+        return exclusive_lock(self.cells / ".locks" / f"{cell_id}.lock")
+
+    def invalidate_marker(self, cell_id: str, reason: str) -> None:
+        """Set a marker aside (kept under cells/invalidated/ with the reason) so that its cell runs again."""
+        import time
+
+        path = self.marker(cell_id)
+        marker = self.read_marker(cell_id)
+        if marker is None:
+            return
+        marker["invalidated"] = {"reason": reason, "time": time.time()}
+        atomic_write_json(self.cells / "invalidated" / f"{cell_id}-{int(time.time() * 1000)}.json", marker)
+        path.unlink(missing_ok=True)
 
     def markers(self) -> Iterator[dict]:
         if not self.cells.is_dir():
             return
         for path in sorted(self.cells.glob("*.json")):
             try:
-                yield json.loads(path.read_text())
+                marker = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            if isinstance(marker, dict) and isinstance(marker.get("row"), dict):
+                yield marker  # anything else is not a marker (a damaged or foreign file): the cell reruns
 
     def finished_ids(self) -> dict[str, str]:
         """cell_id -> status for every cell with a readable marker."""
         return {m["row"]["cell_id"]: m["row"]["status"] for m in self.markers() if "row" in m}
+
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """flock(LOCK_EX) on `path` for the duration; the OS releases it if the holder dies. The lock
+    file itself is never deleted."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import secrets
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bdcore.atomic import fsync_dir
-from sweep.layout import ANALYSIS_METRICS, ROW_COLUMNS, SweepLayout
+from sweep.failpoints import failpoint
+from sweep.layout import ANALYSIS_METRICS, ROW_COLUMNS, SweepLayout, exclusive_lock
 
 __all__ = [
     "RESULTS_SCHEMA", "ResultsFileWarning", "compact", "format_results", "format_status", "load_results",
@@ -419,18 +419,6 @@ def _merge_analyses(df: pd.DataFrame) -> pd.DataFrame:
 # compaction
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """flock(LOCK_EX) on `path` for the duration. The lock file itself is never deleted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _remove_stale_tmp(folder: Path) -> None:
     """Temp files of writers that died mid-write (older than an hour, so never a live write)."""
     if not folder.is_dir():
@@ -489,7 +477,7 @@ def compact(out_dir: str | os.PathLike) -> int:
 
 
 def _compact_locked(layout: SweepLayout) -> int:
-    with _exclusive_lock(_results_dir(layout) / ".compact.lock"):
+    with exclusive_lock(_results_dir(layout) / ".compact.lock"):
         _remove_stale_tmp(layout.rows)
         _remove_stale_tmp(layout.data)
         snapshot = _read_all(layout)
@@ -505,6 +493,7 @@ def _compact_locked(layout: SweepLayout) -> int:
         merged = table.take(positions).sort_by([("cell_id", "ascending")])
         name = f"part-{_compact_utc(_now())}-{secrets.token_hex(4)}.parquet"
         _write_parquet_atomic(merged, layout.data / name, **_PART_OPTIONS)
+        failpoint("compaction")
         _delete_inputs(inputs)
         return merged.num_rows
 

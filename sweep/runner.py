@@ -10,6 +10,7 @@ driver's memory stays bounded.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,8 +23,9 @@ from typing import Any
 from ray import tune
 from ray.tune.search import Searcher
 
-from bdcore.reactivation import ANALYSES
+from sweep import failpoints
 from sweep.execute import ATTACK_FAILED, DEFENSE_NOT_DONE, UPSTREAM_REASONS, skipped_marker
+from sweep.failpoints import failpoint
 from sweep.layout import SweepLayout
 
 log = logging.getLogger("bdsweep")
@@ -41,8 +43,11 @@ def resolve_executor(path: str):
 
 def cell_trainable(config: dict) -> None:
     """The Tune function trainable: one cell, its marker written before it reports."""
+    if config.get("failpoints"):  # chaos tests: Ray workers do not inherit the driver's environment
+        os.environ[failpoints.ENV] = config["failpoints"]
     execute = resolve_executor(config.get("executor", DEFAULT_EXECUTOR))
-    marker = execute(config["cell"], config["out"], config["sweep"], config.get("device", "auto"))
+    marker = execute(config["cell"], config["out"], config["sweep"], config.get("device", "auto"),
+                     **config.get("executor_args", {}))
     tune.report({"cell_status": marker["row"]["status"]})
 
 
@@ -65,6 +70,8 @@ class RunOptions:
     shard_size: int = 2000  # cells per Tuner run: Tune's driver memory grows with its trials
     progress: bool = True
     executor: str = DEFAULT_EXECUTOR  # "module:function" running one cell (benchmarks swap in a no-op)
+    executor_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the executor
+    tracking_wait: float = 60.0  # seconds to wait for another process's lock on the MLflow store
 
 
 def cell_payload(cell, kind: str, attack_spec=None, defense=None, surrogates: list[str] | None = None) -> dict[str, Any]:
@@ -163,6 +170,7 @@ class Bookkeeper:
                 return
             try:
                 write_row(self.layout.root, marker["row"])
+                failpoint("cell_recorded")
                 self.tracker.log_cell(marker)
             except BaseException as exc:  # reported at close(); reconcile repairs it on the next run
                 self.error = exc
@@ -295,6 +303,52 @@ def reconcile(layout: SweepLayout, tracker, markers: dict[str, dict]) -> int:
     return repaired
 
 
+def _lost_artifacts(layout: SweepLayout, markers: dict[str, dict], payloads: list[dict], retry_failed: bool) -> list[str]:
+    """Finished cells whose artifact is gone, or damaged while a cell still to run needs it: their
+    markers are set aside (kept under cells/invalidated/) with a warning, so they run again instead
+    of their dependents failing or the table claiming a result nothing backs any more."""
+    unfinished = {p["cell_id"] for p in payloads if not _is_final(markers.get(p["cell_id"]), retry_failed)}
+    needed = {required for p in payloads if p["cell_id"] in unfinished for required in p["requires"]}
+    lost: dict[str, str] = {}
+    for cell_id, marker in markers.items():
+        row = marker["row"]
+        if row.get("status") != "done" or not row.get("artifact"):
+            continue
+        problem = _artifact_problem(Path(row["artifact"]), deep=cell_id in needed)
+        if problem:
+            lost[cell_id] = problem
+            layout.invalidate_marker(cell_id, problem)
+    if lost:
+        shown = "; ".join(f"{cid}: {why}" for cid, why in list(lost.items())[:3])
+        more = f" (and {len(lost) - 3} more)" if len(lost) > 3 else ""
+        print(f"bdsweep: warning: {len(lost)} finished cell(s) lost their artifacts and run again: {shown}{more} "
+              f"(old markers kept in {layout.cells / 'invalidated'})", file=sys.stderr)
+    return list(lost)
+
+
+def _artifact_problem(path: Path, deep: bool) -> str | None:
+    """Why a recorded artifact cannot be used, or None. `deep`: verify every hash (only for the
+    artifacts a pending cell is about to load; a resume of a finished sweep stays a stat per cell)."""
+    if not path.exists():
+        return f"artifact {path} is missing"
+    if not deep:
+        return None
+    if path.is_dir():
+        from bdcore.artifacts import ArtifactError, verify_artifact
+
+        try:
+            verify_artifact(path)
+        except ArtifactError as exc:
+            return str(exc)
+        return None
+    try:
+        if path.stat().st_size == 0 or (path.suffix == ".json" and json.loads(path.read_text()) is None):
+            return f"artifact {path} is empty"
+    except (OSError, ValueError) as exc:
+        return f"artifact {path} is unreadable ({exc})"
+    return None
+
+
 def _init_ray(address: str | None) -> bool:
     """Connect to (or start) Ray; returns True when this call started it (and should stop it)."""
     import ray
@@ -318,16 +372,19 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     layout = SweepLayout(out)
     out.mkdir(parents=True, exist_ok=True)
     uri = options.mlflow_uri or default_uri(out)
-    tracker = make_tracker(uri, plan.name, out)  # creates the sqlite store before any worker exists
+    tracker = make_tracker(uri, plan.name, out, options.tracking_wait)  # the sqlite store exists before any worker
 
     all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses} | {a.cell_id for a in plan.analyses}
     markers = {m["row"]["cell_id"]: m for m in layout.markers() if m.get("row", {}).get("cell_id") in all_ids}
+    payloads = plan_payloads(plan)
+    for cell_id in _lost_artifacts(layout, markers, payloads, options.retry_failed):
+        del markers[cell_id]  # set aside: the cell runs again
     reconcile(layout, tracker, markers)
     final = {cid: m["row"]["status"] for cid, m in markers.items() if _is_final(m, options.retry_failed)}
 
     todo, waiting, pending = [], {}, {}
     skipped: dict[str, dict] = {}
-    for payload in plan_payloads(plan):  # every cell after the cells it requires
+    for payload in payloads:  # every cell after the cells it requires
         if payload["cell_id"] in final:
             continue
         parent = payload.get("parent_cell_id")
@@ -344,12 +401,14 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
                 waiting.setdefault(prerequisite, []).append(payload)
     if skipped:
         reconcile(layout, tracker, skipped)  # one read of the results table for all of them
+    failpoint("planning")
 
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - len(todo))
     progress = Progress(plan.total_cells, outcome.already_finished, options.progress)
     books = Bookkeeper(layout, tracker, progress)
     if not todo:
         books.close()
+        compact(out)  # a driver killed mid-compaction left rows in two files: fold them now
     else:
         started_ray = _init_ray(options.address)
         try:
@@ -381,6 +440,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
 
 def plan_payloads(plan) -> list[dict]:
     """Every cell of `plan` as a payload, each after the cells it requires."""
+    from bdcore.reactivation import ANALYSES  # here, not at the top: workers import this module without torch
     attack_specs = {a.cell_id: a.spec for a in plan.attacks}
     defenses = {d.cell_id: d for d in plan.defenses}
     payloads = [cell_payload(attack, "attack") for attack in plan.attacks]
@@ -442,6 +502,10 @@ def _run_shard(name: str, ready: list[dict], waiting: dict[str, list[dict]], pen
                out: Path, options: RunOptions, books: Bookkeeper, max_concurrent: int) -> None:
     _quiet_tune_logs()
     common = {"out": str(out), "sweep": name, "device": options.device, "executor": options.executor}
+    if options.executor_args:
+        common["executor_args"] = dict(options.executor_args)
+    if failpoints.armed():
+        common["failpoints"] = failpoints.armed()
     searcher = CellSearcher(ready, waiting, pending, common, books, max_concurrent)
     trainable = tune.with_resources(cell_trainable, cell_resources)
     tuner = tune.Tuner(

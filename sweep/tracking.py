@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweep.failpoints import failpoint
 from sweep.layout import ANALYSIS_METRICS
 
 PARENT_TAG = "bdsweep.parent"
@@ -82,6 +83,7 @@ class Tracker:
                 "mlflow.parentRunId": self.parent_id, "cell_id": cell_id, **tags}).info.run_id
             self.runs[cell_id] = run_id
             tags = {}
+            failpoint("mlflow_logging")
         params = {k: str(row[k]) for k in ("ratio", "seed", "target", "attack_params", "defense_params", "analysis_budget")
                   if row.get(k) is not None}
         if created:
@@ -154,8 +156,67 @@ class NullTracker:
         return None
 
 
-def make_tracker(uri: str, sweep: str, out_dir: str | Path):
-    return NullTracker() if uri == "none" else Tracker(uri, sweep, out_dir)
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be used (locked by another process); nothing has run yet."""
+
+
+def make_tracker(uri: str, sweep: str, out_dir: str | Path, wait: float = 60.0):
+    if uri == "none":
+        return NullTracker()
+    check_sqlite_store(uri, wait)
+    return Tracker(uri, sweep, out_dir)
+
+
+def check_sqlite_store(uri: str, wait: float) -> None:
+    """Before any cell runs: wait up to `wait` s for another process's write lock on the embedded
+    store, then give up with a TrackingStoreError naming the holders; a store that is not a sqlite
+    database at all is moved aside (runs are rebuilt from the cell markers, which hold everything)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+    import sys
+
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_file():
+        return
+    connection = sqlite3.connect(path, timeout=wait)
+    try:
+        connection.execute("BEGIN IMMEDIATE")  # a write lock, as MLflow's first write will need
+        connection.rollback()
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        holders = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in _processes_holding(path))
+        raise TrackingStoreError(
+            f"MLflow store {path} has been locked by another process for over {wait:g} s"
+            f"{f' (processes with it open: {holders})' if holders else ''}; nothing was run. Stop the one "
+            f"holding it (another bdsweep or mlflow on the same folder?), or run with --mlflow-uri none "
+            f"(the next tracked run logs the missing runs)") from exc
+    except sqlite3.DatabaseError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        connection.close()
+        path.rename(aside)
+        print(f"bdsweep: warning: {path} is not a readable MLflow store ({exc}); moved to {aside}, and the "
+              "runs are logged again from the cell markers", file=sys.stderr)
+    finally:
+        connection.close()
+
+
+def _processes_holding(path: Path) -> list[tuple[int, str]]:
+    """Processes with `path` (or its -wal / -journal files) open, from /proc (Linux; else none)."""
+    import os
+
+    wanted = {str(path.resolve()) + suffix for suffix in ("", "-wal", "-journal", "-shm")}
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        if int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in wanted for fd in (entry / "fd").iterdir()):
+                found.append((int(entry.name), (entry / "comm").read_text().strip()))
+        except OSError:
+            continue
+    return found
 
 
 def _is_number(value: Any) -> bool:
