@@ -40,7 +40,11 @@ def _fmt(x: float | None) -> str:
 def cmd_cell(args: argparse.Namespace) -> int:
     from bdcore.cells import AttackCellSpec, DefenseCellSpec, compatibility_problem, run_attack_cell, run_defense_cell
     from bdcore.data import load_dataset
+    from bdcore.models import check_weights_file, read_weight_shapes
 
+    if not 0 < args.ratio < 1:
+        raise UsageError(f"--ratio {args.ratio:g}: a poisoning ratio lies strictly between 0 and 1, e.g. 0.1 for 10% "
+                         "of the training set")
     spec = AttackCellSpec(
         dataset=args.dataset, model=args.model, attack=args.attack, ratio=args.ratio, label_mode=args.label_mode,
         target=args.target, seed=args.seed, attack_params=_parse_params(args.attack_param, "--attack-param"),
@@ -53,6 +57,10 @@ def cmd_cell(args: argparse.Namespace) -> int:
         raise UsageError(problem)
     spec.key()
     defense.config(spec.seed)
+    if spec.pretrained is not None and spec.is_clip:
+        read_weight_shapes(spec.pretrained)  # build_clip checks the fit
+    elif spec.pretrained is not None:  # a file of another architecture is refused before any training
+        check_weights_file(spec.pretrained, spec.model)
     out = Path(args.out)
     data = load_dataset(spec.dataset, root=spec.data_root)
 
@@ -94,18 +102,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sweep.grid import expand, load_grid
+
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; the output folder must be a folder (new or a sweep's)")
+    plan = expand(load_grid(args.grid))  # nothing runs on an invalid grid
+    # Imported only now: a bad grid is refused before Ray or MLflow is even loaded.
     from sweep.results import format_results, load_results
     from sweep.runner import RunOptions, run_sweep
 
-    plan = expand(load_grid(args.grid))  # nothing runs on an invalid grid
     for warning in plan.warnings:
         print(f"bdsweep: warning: {warning}", file=sys.stderr)
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    outcome = run_sweep(plan, RunOptions(
+    options = RunOptions(
         out=Path(args.out), address=args.address, mlflow_uri=args.mlflow_uri, max_concurrent=args.max_concurrent,
         retry_failed=args.retry_failed, device=args.device, progress=not args.quiet,
-    ))
+        executor_args=_parse_params(args.executor_arg, "--executor-arg"), tracking_wait=args.tracking_wait,
+    )
+    if args.executor:
+        _check_executor(args.executor)
+        options.executor = args.executor
+    outcome = run_sweep(plan, options)
     table = load_results(outcome.out)
     table = table[table["sweep"] == plan.name] if len(table) else table
     print(format_results(table, "table"))
@@ -114,8 +131,21 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{outcome.already_finished} were already finished")
     print(f"results (Parquet): {outcome.out / 'results'}   ->  bdsweep results {outcome.out}")
     if outcome.mlflow_uri != "none":
-        print(f"tracking (MLflow): {outcome.mlflow_uri}   ->  mlflow ui --backend-store-uri {outcome.mlflow_uri}")
+        from sweep.tracking import default_uri
+
+        where = f"bdsweep ui {outcome.out}" if outcome.mlflow_uri == default_uri(outcome.out) else "mlflow ui"
+        print(f"tracking (MLflow): {outcome.mlflow_uri}   ->  {where}")
     return 1 if outcome.statuses.get("failed") else 0
+
+
+def _check_executor(path: str) -> None:
+    from sweep.runner import resolve_executor
+
+    try:
+        resolve_executor(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UsageError(f"--executor {path!r}: cannot import it ({exc}); expected MODULE:FUNCTION, "
+                         "e.g. sweep.execute:simulated_cell") from exc
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -123,8 +153,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     if not Path(args.dir).is_dir():
         raise UsageError(f"{args.dir}: no such output folder")
-    print(format_results(load_results(args.dir), args.format, where=args.where,
-                         pivot=tuple(args.pivot) if args.pivot else None))
+    try:
+        text = format_results(load_results(args.dir), args.format, where=args.where,
+                              pivot=tuple(args.pivot) if args.pivot else None)
+    except ValueError as exc:  # a bad --where expression or --pivot column; the message names which
+        raise UsageError(str(exc)) from exc
+    print(text)
     return 0
 
 
@@ -141,12 +175,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.report import build_report
+    from sweep.report import ReportFolderError, build_report
 
     try:
         report = build_report(args.dir, args.out)
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from exc
+    except (FileNotFoundError, ReportFolderError) as exc:
+        flag = "--out: " if isinstance(exc, ReportFolderError) else ""
+        raise UsageError(f"{flag}{exc}") from exc
     print(f"report: {report.html}  (Markdown: {report.markdown}; {len(report.images)} figures)")
     return 0
 
@@ -225,6 +260,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """True when `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def mlflow_ui_argv(out_dir: str | Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The command `bdsweep ui` runs: MLflow's UI on the sweep's sqlite store, listening on `host`
+    (this machine only unless told otherwise), started with this interpreter so the venv's mlflow runs."""
+    from sweep.tracking import default_uri
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_uri(out_dir),
+            "--host", host, "--port", str(port)]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from sweep.layout import SweepLayout
+
+    db = SweepLayout(args.dir).mlflow_db
+    if not db.is_file():
+        raise UsageError(f"{db}: no MLflow store (bdsweep run writes one there unless --mlflow-uri sent the runs "
+                         "elsewhere)")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if not is_loopback(args.host):
+        print(f"bdsweep: warning: the MLflow UI listens on {args.host}, not only on this machine: anyone who can "
+              "reach that address can read and change the tracked runs", file=sys.stderr)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"MLflow UI of {db} on http://{shown}:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.run(mlflow_ui_argv(args.dir, args.host, args.port), check=False).returncode
+    except KeyboardInterrupt:  # the UI got the same Ctrl-C; run() has stopped it
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdsweep", description="Backdoor attack x defense experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="run failed cells (and the ones they skipped) again")
     run.add_argument("--device", default="auto")
     run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--tracking-wait", type=float, default=60.0, metavar="SECONDS",
+                     help="how long to wait for another process's lock on the MLflow store (default 60)")
+    run.add_argument("--executor", default=None, metavar="MODULE:FUNCTION",
+                     help="what runs each cell (default: bdcore); sweep.execute:noop_cell or "
+                          "sweep.execute:simulated_cell exercise the engine without training")
+    run.add_argument("--executor-arg", action="append", metavar="KEY=VALUE",
+                     help="keyword argument of --executor (repeatable), e.g. epoch_seconds=0.5")
     run.set_defaults(func=cmd_run)
 
     results = sub.add_parser("results", help="print the results table of an output folder")
@@ -289,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("dir")
     status.set_defaults(func=cmd_status)
 
+    ui = sub.add_parser("ui", help="open the MLflow UI of an output folder (listens on 127.0.0.1 by default)")
+    ui.add_argument("dir")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine "
+                    "only; 0.0.0.0 exposes the runs to the network)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
     show = sub.add_parser("show-trigger", help="picture of clean / poisoned images and the amplified difference")
     show.add_argument("--attack", help="attack name (not needed with --artifact)")
     show.add_argument("--dataset", help="dataset name (not needed with --artifact)")
@@ -312,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """An error is one line (a dataset's expected layout, for one, is written over several)."""
+    return " ".join(message.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
@@ -320,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bdcore.models import WeightsError
     from bdcore.registry import UnknownNameError
     from sweep.grid import GridError
+    from sweep.tracking import TrackingStoreError
 
     args = build_parser().parse_args(argv)
     try:
@@ -328,9 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()
         )
-        print(f"bdsweep: error: invalid {exc.title}: {problems}", file=sys.stderr)
-    except (UsageError, GridError, UnknownNameError, DatasetError, WeightsError, ArtifactError) as exc:
-        print(f"bdsweep: error: {exc}", file=sys.stderr)
+        print(f"bdsweep: error: {_one_line(f'invalid {exc.title}: {problems}')}", file=sys.stderr)
+    except (UsageError, GridError, UnknownNameError, DatasetError, WeightsError, ArtifactError,
+            TrackingStoreError) as exc:
+        print(f"bdsweep: error: {_one_line(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         print("bdsweep: interrupted; finished cells are saved and will be reused", file=sys.stderr)
         return 130

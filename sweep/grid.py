@@ -17,8 +17,9 @@ grid `clean_fraction` < defense entry params < overrides. `defense` in a rule ma
 name or its label.
 
 Everything is checked before anything runs: names against bdcore's registries, every parameter
-through bdcore's own pydantic configs (once per distinct combination, not per cell). Each problem
-is a one-line GridError naming the file and the key path.
+through bdcore's own pydantic configs (once per distinct combination, not per cell), and, when the
+grid is expanded, the files it names (dataset folders, `pretrained` weights; see
+_check_input_files). Each problem is a one-line GridError naming the file and the key path.
 
 Cell ids are content hashes, so editing a grid keeps the ids (and results) of unchanged cells:
   attack cell id  = sha256(spec.key(), bdcore version, dataset fingerprint)[:16]
@@ -64,14 +65,17 @@ from bdcore.cells import (
     train_config_class,
 )
 from bdcore.clip.models import CLIP_PREFIX, clip_arch_names, is_clip_model
-from bdcore.data.registry import dataset_names, dataset_root
-from bdcore.models.registry import model_names
+from bdcore.data.base import DatasetError
+from bdcore.data.registry import check_dataset_folder, dataset_names, dataset_root
+from bdcore.models.registry import WeightsError, check_weights_file, model_names, read_weight_shapes
 from bdcore.reactivation import analysis_config, analysis_names
 from bdcore.reactivation.cells import AnalysisCellSpec
 from bdcore.train.config import default_train_config
 from sweep.layout import SweepLayout
 
-NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+# A plain name: it becomes part of folder names (Tune's run folder under the output folder), MLflow
+# names and result columns, so no '/', and no leading '.' ('..') or '-' (read as a flag).
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 # Parameters a cell gets from the grid's axes; giving them in params would fork the axis silently.
 ATTACK_AXIS_PARAMS = {"ratio": "ratios", "target": "targets", "label_mode": "label_modes", "seed": "seeds"}
 DEFENSE_AXIS_PARAMS = {"seed": "seeds"}
@@ -143,8 +147,28 @@ ModelName = Annotated[str, AfterValidator(_check_model)]
 AttackName = Annotated[str, _registered("attack", attack_method_names)]
 DefenseName = Annotated[str, _registered("defense", defense_method_names)]
 AnalysisName = Annotated[str, _registered("analysis", analysis_names)]
-Label = Annotated[str, Field(pattern=NAME_PATTERN)]
-Ratio = Annotated[float, Field(gt=0, le=1)]
+
+
+def _plain_name(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(f"{what} must be a plain name: letters, digits, '_', '.' and '-', not starting with "
+                             f"'.' or '-', no '/' (it names folders, MLflow runs and result columns); got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _check_ratio(value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"a poisoning ratio lies strictly between 0 and 1, e.g. 0.1 for 10% of the training set "
+                         f"(got {value!r})")
+    return value
+
+
+Label = Annotated[str, _plain_name("a defense label")]
+SweepName = Annotated[str, _plain_name("the sweep name")]
+Ratio = Annotated[float, AfterValidator(_check_ratio)]
 Target = Annotated[int, Field(ge=0)]
 LabelMode = Literal["all2one", "all2all"]
 
@@ -272,7 +296,7 @@ class StageResources(_Model):
 class Grid(_Model):
     """A grid file, validated (see the module docstring for the semantics)."""
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    name: SweepName
     datasets: list[DatasetEntry] = Field(min_length=1)
     models: list[ModelEntry] = Field(min_length=1)
     attacks: list[AttackEntry] = Field(min_length=1)
@@ -665,6 +689,53 @@ def dataset_fingerprint(name: str, root: str | os.PathLike | None = None) -> str
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
+# -- input files ----------------------------------------------------------------------------
+
+def _check_input_files(grid: Grid) -> None:
+    """The files a grid names, checked before anything runs (cheaply: a dataset's layout and one
+    sample file, a weights file's tensor names and shapes):
+
+    - a dataset with an explicit `root` must be there, in its standard layout: a folder given by
+      name is a promise that the data is here;
+    - a dataset on its default folder ($BDCORE_<NAME>_ROOT, $BDCORE_DATA_ROOT/<folder>) is checked
+      when that folder exists; when it does not, expand() only warns (the data may live on the
+      cluster's storage alone);
+    - a `pretrained` weights file must exist and fit the model (not another architecture)."""
+    datasets = [(f"datasets[{i}]", d) for i, d in enumerate(grid.datasets)]
+    named = {d.name for d in grid.datasets}
+    datasets += [(f"include[{k}].dataset", inc.dataset) for k, inc in enumerate(grid.include)
+                 if inc.dataset.root is not None or inc.dataset.name not in named]  # a bare name is the grid's
+    seen: set[tuple] = set()
+    for path, entry in datasets:
+        if (entry.name, entry.root) in seen:
+            continue
+        seen.add((entry.name, entry.root))
+        if entry.root is None and not dataset_folder(entry.name, None).exists():
+            continue  # expand() warns
+        try:
+            check_dataset_folder(entry.name, entry.root)
+        except (DatasetError, OSError, ValueError) as exc:  # unreadable or undecodable files included
+            message = str(exc)
+            if entry.root is not None and not Path(entry.root).exists():
+                message += (" (An explicit `root` must exist where the grid is planned; without `root`, a missing "
+                            "default folder is only a warning: the data may live on the cluster.)")
+            raise _Invalid(f"{path}.root" if entry.root is not None else path, message) from None
+    models = [(f"models[{i}].pretrained", m) for i, m in enumerate(grid.models)]
+    models += [(f"include[{k}].model.pretrained", inc.model) for k, inc in enumerate(grid.include)]
+    seen = set()
+    for path, entry in models:
+        if entry.pretrained is None or (entry.name, entry.pretrained) in seen:
+            continue
+        seen.add((entry.name, entry.pretrained))
+        try:
+            if is_clip_model(entry.name):
+                read_weight_shapes(entry.pretrained)  # build_clip checks the fit when the cell runs
+            else:
+                check_weights_file(entry.pretrained, entry.name)
+        except WeightsError as exc:
+            raise _Invalid(path, str(exc)) from None
+
+
 # -- plans ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -736,6 +807,7 @@ def expand(grid: Grid) -> Plan:
     seeds, targets; then includes), each once, with content-addressed ids."""
     try:
         drafts, warnings = _Composer(grid).compose()
+        _check_input_files(grid)
     except _Invalid as exc:
         raise GridError(grid._source, exc.problems) from None
     version = bdcore.__version__
@@ -764,10 +836,6 @@ def expand(grid: Grid) -> Plan:
                 merged[(label, kept.label)] = merged.get((label, kept.label), 0) + 1
     warnings += [f"defense {label!r} is the same cell as {same!r} for {n} attack cell{'s' * (n > 1)}: it runs once, "
                  f"as {same!r}" for (label, same), n in merged.items()]
-    for weights in sorted({m.pretrained for m in grid.models if m.pretrained}
-                          | {i.model.pretrained for i in grid.include if i.model.pretrained}):
-        if not Path(weights).is_file():
-            warnings.append(f"pretrained weights file {weights!r} does not exist here")
     analyses = []
     for defense in defenses.values():
         seed = attacks[defense.attack_cell_id].spec.seed

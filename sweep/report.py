@@ -345,6 +345,28 @@ def _render_markdown(title: str, intro: str, sections: list[Section], cells: lis
 
 # -- the report ---------------------------------------------------------------------------------
 
+class ReportFolderError(ValueError):
+    """A report folder that writing the report would destroy something in."""
+
+
+REPORT_FILES = ("report.html", "report.md")
+
+
+def check_report_folder(out: Path, final: Path) -> None:
+    """The report replaces `final` as a whole, so `final` must be new, empty, or an older report:
+    never the output folder, a folder holding it, or a folder of other files (results/, cells/...)."""
+    where, sweep = final.resolve(), out.resolve()
+    if where == sweep or where in sweep.parents:
+        raise ReportFolderError(f"report folder {str(final)!r} is the output folder {str(out)!r} or holds it: "
+                                f"writing the report there would delete the sweep (default: {out / 'report'})")
+    if final.is_file():
+        raise ReportFolderError(f"report folder {str(final)!r} is a file; give a new folder or an older report folder")
+    if final.is_dir() and any(final.iterdir()) and not any((final / name).is_file() for name in REPORT_FILES):
+        raise ReportFolderError(f"report folder {str(final)!r} holds other files, which the report would replace; "
+                                f"give a new folder, an empty one, or an older report folder (with "
+                                f"{' / '.join(REPORT_FILES)})")
+
+
 def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Report:
     """Write report.html, report.md and images/*.png for the sweep in `out_dir` into `report_dir`
     (default DIR/report), replacing an older report in one rename."""
@@ -356,6 +378,7 @@ def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
     if not out.is_dir():
         raise FileNotFoundError(f"{out}: no such output folder")
     final = Path(report_dir) if report_dir is not None else out / "report"
+    check_report_folder(out, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -64,7 +64,7 @@ def test_corrupt_artifact_is_recomputed(finished, capsys):
     (["--attack", "badnot"], "unknown attack 'badnot'; known attacks: adap_blend, adap_patch, badnet"),
     (["--model", "resnet99"], "unknown model 'resnet99'; known models:"),
     (["--defense", "fq"], "unknown defense 'fq'; known defenses:"),
-    (["--ratio", "1.5"], "ratio: Input should be less than or equal to 1"),
+    (["--ratio", "1.5"], "--ratio 1.5: a poisoning ratio lies strictly between 0 and 1"),
     (["--attack-param", "patch_sise=4"], "patch_sise"),
     (["--defense-param", "epoks=4"], "epoks"),
     (["--train", "lr=-1"], "lr"),

@@ -21,6 +21,7 @@ from sweep.grid import (
     plan_summary,
 )
 from sweep.layout import SweepLayout
+from tests.test_data_loaders import make_cifar10
 
 GRIDS = Path(__file__).resolve().parent.parent / "grids"
 
@@ -108,15 +109,17 @@ def test_exclude_drops_attack_cells_or_only_defense_cells():
 
 
 def test_include_adds_cells_and_inherits_dataset_root(tmp_path):
+    cifar = tmp_path / "cifar-10-batches-py"
+    make_cifar10(cifar)  # an explicit root must hold the dataset
     plan = plan_of(base(
-        datasets=["digits", {"name": "cifar10", "root": str(tmp_path)}],
+        datasets=["digits", {"name": "cifar10", "root": str(cifar)}],
         exclude=[{"dataset": "cifar10"}],
         include=[{"dataset": "digits", "model": "smallcnn", "attack": "badnet", "ratio": 0.01},
                  {"dataset": "cifar10", "model": "smallcnn", "attack": {"name": "blended", "params": {"alpha": 0.1}},
                   "ratio": 0.01, "seed": 3, "defenses": ["ft_short"]}]))
     extra = [a for a in plan.attacks if a.spec.ratio == 0.01]
     assert [(a.spec.dataset, a.spec.attack, a.spec.seed) for a in extra] == [("digits", "badnet", 0), ("cifar10", "blended", 3)]
-    assert extra[1].spec.data_root == str(tmp_path) and extra[1].spec.attack_params == {"alpha": 0.1}
+    assert extra[1].spec.data_root == str(cifar) and extra[1].spec.attack_params == {"alpha": 0.1}
     assert [d.label for d in plan.defenses_of(extra[0].cell_id)] == ["ft", "ft_short"]
     assert [d.label for d in plan.defenses_of(extra[1].cell_id)] == ["ft_short"]
     assert len(plan.attacks) == 4 + 2
@@ -174,17 +177,20 @@ def test_ids_are_stable_and_change_with_params_and_version(monkeypatch):
     assert not set(ids(plan_of(base()))) & set(ids(first))
 
 
-def test_ids_change_with_the_dataset_files(tmp_path):
+def test_ids_change_with_the_dataset_files(tmp_path, monkeypatch):
     root = tmp_path / "cifar-10-batches-py"
-    grid = base(datasets=[{"name": "cifar10", "root": str(root)}])
+    # The default folder: absent, it is a warning (an explicit `root` must exist).
+    monkeypatch.setenv("BDCORE_CIFAR10_ROOT", str(root))
+    grid = base(datasets=["cifar10"])
     absent = plan_of(grid)
     assert dataset_fingerprint("cifar10", root) == "absent" and str(root) in absent.warnings[0]
-    (root / "sub").mkdir(parents=True)
-    (root / "data_batch_1").write_bytes(b"x" * 10)
+    make_cifar10(root)
+    (root / "sub").mkdir()
     (root / "sub" / "f").write_bytes(b"y")
     present = plan_of(grid)
     assert present.warnings == [] and not set(ids(present)) & set(ids(absent))
     assert ids(plan_of(grid)) == ids(present)
+    assert ids(plan_of(base(datasets=[{"name": "cifar10", "root": str(root)}]))) == ids(present)  # same folder
     (root / "sub" / "deeper").mkdir()
     (root / "sub" / "deeper" / "g").write_bytes(b"z")  # two levels down is not read
     assert ids(plan_of(grid)) == ids(present)
@@ -236,8 +242,9 @@ def error(text_or_grid) -> str:
     (base(defenses=[{"name": "ft", "params": {"epochs": 0}}]), "defenses[0].params.epochs: Input should be greater"),
     (base(ratios=0.1), "ratios: Input should be a valid list (got 0.1)"),
     (base(seeds=["a"]), "seeds[0]: Input should be a valid integer (got 'a')"),
-    (base(ratios=[0.1, 1.5]), "ratios[1]: Input should be less than or equal to 1 (got 1.5)"),
-    (base(ratios=[0]), "ratios[0]: Input should be greater than 0"),
+    (base(ratios=[0.1, 1.5]), "ratios[1]: a poisoning ratio lies strictly between 0 and 1, e.g. 0.1 for 10% of the "
+                              "training set (got 1.5)"),
+    (base(ratios=[0]), "ratios[0]: a poisoning ratio lies strictly between 0 and 1"),
     (base(models=[]), "models: List should have at least 1 item"),
     (base(defenses=["ft", {"name": "ft", "params": {"epochs": 3}}]), "defenses[1].label: duplicate defense label 'ft'"),
     (base(resources={"attack": {"cpu": 1, "gpu": -0.5}}), "resources.attack.gpu: Input should be greater than or equal to 0"),
@@ -256,7 +263,7 @@ def error(text_or_grid) -> str:
     (base(include=[{"dataset": "digits", "model": "smallcnn", "attack": "badnet"}]), "include[0].ratio: required key missing"),
     (base(include=[{"dataset": "digits", "model": "smallcnn", "attack": "badnet", "ratio": 0.1, "defenses": ["nad"]}]),
      "include[0].defenses[0]: 'nad' is not a label of the grid's defenses"),
-    (base(name="my grid"), "name: String should match pattern"),
+    (base(name="my grid"), "name: the sweep name must be a plain name: letters, digits, '_', '.' and '-'"),
     (base(label_modes=["all2none"]), "label_modes[0]: Input should be 'all2one' or 'all2all'"),
     ("- just\n- a list\n", "a grid is a mapping"),
     (base(analysis=["bek"]), "analysis[0].name: unknown analysis 'bek' (known: bec, reactivate_query"),

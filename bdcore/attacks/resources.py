@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -145,10 +146,12 @@ def _read(folder: Path, key: str) -> Resource | None:
         return None
     try:
         record = json.loads(meta_path.read_text())
-        if record.get("key") != key or record.get("sha256") != _file_sha256(tensor_path):
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None
+        if record.get("sha256") != _file_sha256(tensor_path):
             return None
         tensors = load_file(str(tensor_path))
-    except (OSError, ValueError, json.JSONDecodeError):
+    except (OSError, ValueError, SafetensorError):  # SafetensorError: not a safetensors file (e.g. a pickle)
         return None
     return Resource(tensors, record.get("metadata", {}), folder, True)
 

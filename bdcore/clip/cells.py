@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bdcore.artifacts import ArtifactError, load_artifact, save_artifact
@@ -100,11 +101,17 @@ class LoadedClipAttackCell:
 
 
 def _prepared_attack(attack: ClipAttack, bundle: ClipBundle, pairs: ImageTextSet, work: Path, device: str) -> None:
-    """Run the attack's trigger preparation once: a resumed cell reloads the trigger it learned before."""
+    """Run the attack's trigger preparation once: a resumed cell reloads the trigger it learned before.
+    A saved state that is not a readable safetensors file (damaged, or a planted pickle) is prepared again."""
     saved = work / "attack_state.safetensors"
     if saved.is_file():
-        attack.load_state_tensors(load_file(str(saved)))
-        return
+        try:
+            tensors = load_file(str(saved))
+        except (OSError, SafetensorError):
+            tensors = None
+        if tensors is not None:
+            attack.load_state_tensors(tensors)
+            return
     attack.prepare(bundle, pairs, device)
     state = attack.state_tensors()
     if state:

@@ -29,3 +29,17 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None, cha
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, from its header only (nothing is decoded)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception as exc:  # PIL raises many error types for corrupt files
+        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc

@@ -9,16 +9,22 @@ from bdcore.data.base import DatasetSplits, resolve_root
 from bdcore.registry import Registry
 
 DatasetLoader = Callable[..., DatasetSplits]
+FolderCheck = Callable[[Path], None]
 DATASETS: Registry[DatasetLoader] = Registry("dataset", package="bdcore.data.loaders")
 
 
 _FOLDERS: dict[str, str] = {}
+_CHECKS: dict[str, FolderCheck] = {}
 
 
-def register_dataset(name: str, folder: str | None = None):
+def register_dataset(name: str, folder: str | None = None, check: FolderCheck | None = None):
     """Decorator for a loader `fn(root: path | None, **options) -> DatasetSplits`; `folder` is
-    its default folder name under $BDCORE_DATA_ROOT (default: the dataset's name)."""
+    its default folder name under $BDCORE_DATA_ROOT (default: the dataset's name). `check(folder)`
+    is a cheap look at a folder (its layout, one file of it) that raises DatasetError where the
+    loader would; datasets without files (digits) have none."""
     _FOLDERS[name] = folder or name
+    if check is not None:
+        _CHECKS[name] = check
     return DATASETS.register(name)
 
 
@@ -27,6 +33,17 @@ def dataset_root(name: str, root: str | os.PathLike | None = None) -> Path:
     $BDCORE_DATA_ROOT/<its folder>, else ./data/<its folder>."""
     DATASETS.get(name)  # unknown names list the known ones
     return resolve_root(name, root, _FOLDERS[name])
+
+
+def check_dataset_folder(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of `name` (as dataset_root), after a cheap check that the loader will accept it:
+    the standard layout is there and one sample file has the size the dataset requires. Raises
+    DatasetError naming the path and the expected layout; reads a few small files at most."""
+    folder = dataset_root(name, root)
+    check = _CHECKS.get(name)
+    if check is not None:
+        check(folder)
+    return folder
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options) -> DatasetSplits:

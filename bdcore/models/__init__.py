@@ -4,10 +4,13 @@ from bdcore.models.registry import (
     MODELS,
     WeightsError,
     build_model,
+    check_weights_file,
     load_pretrained,
     model_names,
     read_state_dict,
+    read_weight_shapes,
     register_model,
 )
 
-__all__ = ["MODELS", "WeightsError", "build_model", "load_pretrained", "model_names", "read_state_dict", "register_model"]
+__all__ = ["MODELS", "WeightsError", "build_model", "check_weights_file", "load_pretrained", "model_names",
+           "read_state_dict", "read_weight_shapes", "register_model"]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from bdcore.data.base import ImageSet, missing_layout_error
+from bdcore.data.base import DatasetError, ImageSet, missing_layout_error
 from bdcore.data.imageio import read_image as read_image_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp")
@@ -30,15 +30,29 @@ def list_images(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """One image file as a uint8 3 x size x size tensor (RGB; PIL bilinear resize if needed)."""
-    return read_image_file(path, (size, size), channels=3)
+def read_image(path: Path, size: int, *, dataset: str | None = None) -> torch.Tensor:
+    """One image file as a uint8 3 x size x size tensor (RGB; PIL bilinear resize if needed).
+    With `dataset` given, an image of another size is an error instead: that dataset's files all
+    have one size, so another size means another dataset's files."""
+    if dataset is None:
+        return read_image_file(path, (size, size), channels=3)
+    image = read_image_file(path, None, channels=3)
+    if image.shape[1:] != (size, size):
+        raise wrong_size_error(dataset, path, (image.shape[2], image.shape[1]), size)
+    return image
+
+
+def wrong_size_error(dataset: str, path: Path, found: tuple[int, int], size: int) -> DatasetError:
+    return DatasetError(f"{path}: image is {found[0]}x{found[1]} pixels; every {dataset} image is {size}x{size} "
+                        f"(is this folder another dataset, or resized files?)")
 
 
 def load_image_set(
-    paths: Sequence[Path], labels: Sequence[int], size: int, *, dataset: str, root: Path, layout: str
+    paths: Sequence[Path], labels: Sequence[int], size: int, *, dataset: str, root: Path, layout: str,
+    exact_size: bool = False,
 ) -> ImageSet:
-    """Decode `paths` (threaded; PIL releases the GIL while decoding) into an ImageSet.
+    """Decode `paths` (threaded; PIL releases the GIL while decoding) into an ImageSet; images are
+    resized to size x size, or refused when of another size with `exact_size`.
 
     An empty list means the folder does not have the expected layout.
     """
@@ -46,8 +60,9 @@ def load_image_set(
         raise missing_layout_error(dataset, root, layout)
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     workers = min(8, os.cpu_count() or 1)
+    strict = dataset if exact_size else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, image in enumerate(pool.map(lambda p: read_image(p, size), paths)):
+        for i, image in enumerate(pool.map(lambda p: read_image(p, size, dataset=strict), paths)):
             images[i] = image
     return ImageSet(images, torch.tensor(list(labels), dtype=torch.int64))
 

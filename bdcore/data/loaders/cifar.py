@@ -99,7 +99,10 @@ def _read_batch(path: Path, spec: _CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     data, labels = _field(obj, "data", path), _field(obj, spec.label_key, path)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         described = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DatasetError(f"{path}: 'data' must be a uint8 N x 3072 array, got {described}")
+        side = int(round((data.shape[-1] / 3) ** 0.5)) if isinstance(data, np.ndarray) and data.ndim == 2 else 0
+        if side and 3 * side * side == data.shape[1]:
+            described += f", i.e. {side}x{side} images"
+        raise DatasetError(f"{path}: 'data' must be a uint8 N x 3072 array (32x32 RGB images), got {described}")
     try:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError) as exc:
@@ -127,13 +130,25 @@ def _read_class_names(path: Path, spec: _CifarSpec) -> tuple[str, ...]:
     return tuple(n.decode("utf-8", errors="replace") if isinstance(n, bytes) else n for n in names)
 
 
-def _load_cifar(spec: _CifarSpec, root) -> DatasetSplits:
-    folder = resolve_root(spec.name, root, spec.subdir)
+def _check_files(spec: _CifarSpec, folder: Path) -> None:
     if not folder.is_dir():
         raise missing_layout_error(spec.name, folder, spec.layout)
     for name in spec.train_files + spec.test_files + (spec.meta_file,):
         if not (folder / name).is_file():
             raise missing_layout_error(spec.name, folder / name, spec.layout)
+
+
+def _check_cifar(spec: _CifarSpec, folder: Path) -> None:
+    """Every file of the layout is there; the meta file and the (smallest) test file are read:
+    30 MB, some 40 ms, which also catches images of another size (rows of other than 3072 bytes)."""
+    _check_files(spec, folder)
+    _read_class_names(folder / spec.meta_file, spec)
+    _read_batch(folder / spec.test_files[0], spec)
+
+
+def _load_cifar(spec: _CifarSpec, root) -> DatasetSplits:
+    folder = resolve_root(spec.name, root, spec.subdir)
+    _check_files(spec, folder)
     info = DatasetInfo(
         name=spec.name,
         num_classes=spec.num_classes,
@@ -150,11 +165,11 @@ def _load_cifar(spec: _CifarSpec, root) -> DatasetSplits:
     return DatasetSplits(info, train, _read_split(folder, spec.test_files, spec))
 
 
-@register_dataset("cifar10", folder=CIFAR10.subdir)
+@register_dataset("cifar10", folder=CIFAR10.subdir, check=lambda folder: _check_cifar(CIFAR10, folder))
 def load_cifar10(root=None) -> DatasetSplits:
     return _load_cifar(CIFAR10, root)
 
 
-@register_dataset("cifar100", folder=CIFAR100.subdir)
+@register_dataset("cifar100", folder=CIFAR100.subdir, check=lambda folder: _check_cifar(CIFAR100, folder))
 def load_cifar100(root=None) -> DatasetSplits:
     return _load_cifar(CIFAR100, root)

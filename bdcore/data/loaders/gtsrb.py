@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
+from bdcore.data.imageio import image_size
 from bdcore.data.loaders._images import load_image_set
 from bdcore.data.registry import register_dataset
 
@@ -62,15 +63,33 @@ def read_gt_csv(path: Path) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-@register_dataset("gtsrb")
-def load_gtsrb(root=None) -> DatasetSplits:
-    folder = resolve_root("gtsrb", root, "gtsrb")
+def _class_dirs(folder: Path) -> list[Path]:
+    """Train/000xx, after checking that Train/ and Test/ are there."""
     train_dir, test_dir = folder / "Train", folder / "Test"
     class_dirs = []
     if train_dir.is_dir():
         class_dirs = sorted(d for d in train_dir.iterdir() if d.is_dir() and re.fullmatch(r"\d{5}", d.name))
     if not class_dirs or not test_dir.is_dir():
         raise missing_layout_error("gtsrb", folder, GTSRB_LAYOUT)
+    return class_dirs
+
+
+def check_gtsrb(folder: Path) -> None:
+    """The layout, the first class's and the test CSV, and the first test image (its header; GTSRB
+    images come in many sizes, all resized to 32x32)."""
+    class_dirs = _class_dirs(folder)
+    read_gt_csv(class_dirs[0] / f"GT-{class_dirs[0].name}.csv")
+    paths, _ = read_gt_csv(folder / "Test" / "GT-final_test.csv")
+    if not paths:
+        raise missing_layout_error("gtsrb", folder / "Test" / "GT-final_test.csv", GTSRB_LAYOUT)
+    image_size(paths[0])
+
+
+@register_dataset("gtsrb", check=check_gtsrb)
+def load_gtsrb(root=None) -> DatasetSplits:
+    folder = resolve_root("gtsrb", root, "gtsrb")
+    class_dirs = _class_dirs(folder)
+    test_dir = folder / "Test"
 
     train_paths, train_labels = [], []
     for class_dir in class_dirs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
+from bdcore.data.imageio import image_size
 from bdcore.data.loaders._images import IMAGE_SUFFIXES, channel_stats, list_images, load_image_set
 from bdcore.data.registry import register_dataset
 
@@ -27,16 +28,31 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-@register_dataset("imagefolder")
+def _split_dirs(folder: Path) -> tuple[Path, Path]:
+    """train/ and test/ (or val/), after checking that they are there with class folders."""
+    train_dir = folder / "train"
+    test_dir = folder / "test" if (folder / "test").is_dir() else folder / "val"
+    if not train_dir.is_dir() or not test_dir.is_dir() or not _class_dirs(train_dir):
+        raise missing_layout_error("imagefolder", folder, IMAGEFOLDER_LAYOUT)
+    return train_dir, test_dir
+
+
+def check_imagefolder(folder: Path) -> None:
+    """The layout, and that the first class's first image is readable (any size: all are resized)."""
+    first_class = _class_dirs(_split_dirs(folder)[0])[0]
+    files = list_images(first_class)
+    if not files:
+        raise DatasetError(f"{first_class}: class folder has no images (*.{{{SUFFIXES}}})")
+    image_size(files[0])
+
+
+@register_dataset("imagefolder", check=check_imagefolder)
 def load_imagefolder(root=None, size: int = 32) -> DatasetSplits:
     if int(size) != size or size < 1:
         raise ValueError(f"imagefolder: size must be a positive integer, got {size!r}")
     size = int(size)
     folder = resolve_root("imagefolder", root, "imagefolder")
-    train_dir = folder / "train"
-    test_dir = folder / "test" if (folder / "test").is_dir() else folder / "val"
-    if not train_dir.is_dir() or not test_dir.is_dir() or not _class_dirs(train_dir):
-        raise missing_layout_error("imagefolder", folder, IMAGEFOLDER_LAYOUT)
+    train_dir, test_dir = _split_dirs(folder)
 
     classes = [d.name for d in _class_dirs(train_dir)]
     class_index = {name: i for i, name in enumerate(classes)}

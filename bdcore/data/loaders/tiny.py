@@ -10,14 +10,16 @@ release; the files BackdoorBench's utils/dataset/Tiny.py reads):
     tiny-imagenet-200/val/val_annotations.txt   "<file>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>" lines
 
 `root` may be the tiny-imagenet-200 folder itself or the folder containing it. The unlabelled
-`test/` folder is not used. Grayscale JPEGs are converted to RGB.
+`test/` folder is not used. Grayscale JPEGs are converted to RGB. Every image is 64x64: one of another
+size is an error (the folder holds another dataset), not resized.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
-from bdcore.data.loaders._images import list_images, load_image_set
+from bdcore.data.imageio import image_size
+from bdcore.data.loaders._images import list_images, load_image_set, wrong_size_error
 from bdcore.data.registry import register_dataset
 
 SIZE = 64
@@ -67,13 +69,33 @@ def _read_val(folder: Path, class_index: dict[str, int]) -> tuple[list[Path], li
     return paths, labels
 
 
-@register_dataset("tiny", folder=TINY_DIR)
-def load_tiny(root=None) -> DatasetSplits:
-    folder = resolve_root("tiny", root, TINY_DIR)
+def _tiny_folder(folder: Path) -> Path:
+    """`folder` itself or its tiny-imagenet-200 subfolder, whichever holds wnids.txt."""
     if (folder / TINY_DIR / "wnids.txt").is_file():
         folder = folder / TINY_DIR
     if not (folder / "wnids.txt").is_file():
         raise missing_layout_error("tiny", folder, TINY_LAYOUT)
+    return folder
+
+
+def check_tiny(folder: Path) -> None:
+    """The layout, and the size of the first training image (from its header): all are 64x64."""
+    folder = _tiny_folder(folder)
+    wnids = _read_wnids(folder / "wnids.txt")
+    images_dir = folder / "train" / wnids[0] / "images"
+    files = list_images(images_dir) if images_dir.is_dir() else []
+    if not files:
+        raise missing_layout_error("tiny", images_dir, TINY_LAYOUT)
+    if not (folder / "val" / "val_annotations.txt").is_file():
+        raise missing_layout_error("tiny", folder / "val" / "val_annotations.txt", TINY_LAYOUT)
+    found = image_size(files[0])
+    if found != (SIZE, SIZE):
+        raise wrong_size_error("tiny", files[0], found, SIZE)
+
+
+@register_dataset("tiny", folder=TINY_DIR, check=check_tiny)
+def load_tiny(root=None) -> DatasetSplits:
+    folder = _tiny_folder(resolve_root("tiny", root, TINY_DIR))
     wnids = _read_wnids(folder / "wnids.txt")
     class_index = {w: i for i, w in enumerate(wnids)}
 
@@ -88,7 +110,7 @@ def load_tiny(root=None) -> DatasetSplits:
     test_paths, test_labels = _read_val(folder, class_index)
 
     def image_set(paths, labels):
-        return load_image_set(paths, labels, SIZE, dataset="tiny", root=folder, layout=TINY_LAYOUT)
+        return load_image_set(paths, labels, SIZE, dataset="tiny", root=folder, layout=TINY_LAYOUT, exact_size=True)
 
     info = DatasetInfo(
         name="tiny",
