@@ -141,6 +141,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+_LIBC: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages the driver freed back to the OS. Tune's per-trial churn leaves them with
+    glibc's allocator: RSS crept ~30 KB per cell while Python's live objects stayed flat (measured
+    3,000 no-op cells in shards of 500: +89 MB without this, +26 MB with it). A no-op where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class Bookkeeper:
     """Driver-side effects of a finished cell: Parquet row and MLflow run, written by one
     background thread so that Tune's event loop never waits on sqlite or Parquet I/O (and sqlite
@@ -154,12 +174,16 @@ class Bookkeeper:
         self.layout, self.tracker, self.progress = layout, tracker, progress
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.recorded = 0
         self.thread = threading.Thread(target=self._drain, name="bdsweep-bookkeeper", daemon=True)
         self.thread.start()
 
     def record(self, marker: dict) -> None:
         self.progress.finished(marker["row"]["status"])
         self.queue.put(marker)
+        self.recorded += 1
+        if self.recorded % 500 == 0:
+            release_freed_memory()
 
     def _drain(self) -> None:
         from sweep.results import write_row
@@ -422,6 +446,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
                 # Fold this shard's one-row files into the dataset now: reading many small files is
                 # what costs memory and time, so never let more than a shard's worth pile up.
                 compact(out)
+                release_freed_memory()
             outcome.ran = len(todo)
         finally:
             progress.close()

@@ -47,7 +47,15 @@ class Tracker:
 
     def _existing_runs(self) -> dict[str, str]:
         """cell_id -> run_id of every run of this sweep's experiment."""
-        found: dict[str, str] = {}
+        rows = _sqlite_cell_runs(self.uri, self.experiment_id)
+        if rows is not None:
+            found: dict[str, str] = {}
+            for run_id, status, cell_id in rows:
+                found.setdefault(cell_id, run_id)
+                if status != "RUNNING":
+                    self.complete.add(cell_id)
+            return found
+        found = {}
         token = None
         while True:
             page = self.client.search_runs([self.experiment_id], max_results=5000, page_token=token)
@@ -125,6 +133,28 @@ def _diagnostics(value) -> dict:
     if not isinstance(value, dict):
         return {}
     return {str(k)[:200]: (int(v) if isinstance(v, bool) else v) for k, v in value.items()}
+
+
+def _sqlite_cell_runs(uri: str, experiment_id: str) -> list[tuple[str, str, str]] | None:
+    """(run_id, status, cell_id) of the experiment's active runs, read straight from the embedded
+    store: MLflow's search_runs builds every metric, param and tag of every run, 11.6 s of a 13 s
+    resume at 11,492 cells. None when the store is not sqlite or its schema is not the expected one
+    (the caller then asks MLflow). Newest first, as search_runs orders them."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    import sqlite3
+
+    try:
+        connection = sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True, timeout=30)
+        try:
+            return connection.execute(
+                "SELECT runs.run_uuid, runs.status, tags.value FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                "AND tags.key = 'cell_id' WHERE runs.experiment_id = ? AND runs.lifecycle_stage = 'active' "
+                "ORDER BY runs.start_time DESC, runs.run_uuid", (int(experiment_id),)).fetchall()
+        finally:
+            connection.close()
+    except (sqlite3.Error, ValueError):
+        return None
 
 
 def _use_wal(uri: str) -> None:

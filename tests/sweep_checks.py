@@ -14,7 +14,10 @@ def mlflow_runs(out: Path, sweep: str) -> dict[str, list[str]]:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs: dict[str, list[str]] = {}
-    for run in client.search_runs([client.get_experiment_by_name(sweep).experiment_id], max_results=10000):
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return runs
+    for run in client.search_runs([experiment.experiment_id], max_results=10000):
         runs.setdefault(run.data.tags.get("cell_id"), []).append(run.info.status)
     return runs
 
@@ -36,3 +39,19 @@ def check_sweep(out: Path, plan, reran: tuple[str, ...] = (), quarantined: bool 
     assert sorted(cid for cid, _ in counts) == ids, counts
     assert {cid: n for (cid, _), n in counts.items() if n != 1} == {cid: 2 for cid in reran}, counts
     assert sorted(cid for cid, event in counts if event == "attack_trained") == sorted(c.cell_id for c in plan.attacks)
+
+
+def check_invariants(out: Path) -> None:
+    """What must hold at every instant, even right after a SIGKILL: nothing computed twice, every
+    Parquet file readable, at most one MLflow run and one (latest) row per cell."""
+    layout = SweepLayout(out)
+    counts = layout.execution_counts()
+    assert set(counts.values()) <= {1}, counts
+    for path in [*layout.rows.glob("*.parquet"), *layout.data.glob("*.parquet")]:
+        assert pq.read_table(path).num_rows > 0, path
+    if layout.mlflow_db.exists():
+        sweep = next(iter(layout.markers()), {"row": {}})["row"].get("sweep")
+        if sweep:
+            assert all(len(statuses) == 1 for statuses in mlflow_runs(out, sweep).values())
+    rows = load_results(out)
+    assert rows["cell_id"].is_unique

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sweep_checks import check_sweep, mlflow_runs
+from sweep_checks import check_invariants, check_sweep, mlflow_runs
 
 from bdcore.artifacts import read_metadata
 from sweep import failpoints
@@ -71,6 +71,7 @@ class Driver:
         time.sleep(0.2)  # the flag is written first, then the process waits: it is there now
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        check_invariants(self.out)
         return int(flag.read_text())
 
     def finish(self, proc: subprocess.Popen) -> tuple[str, str]:
