@@ -366,8 +366,10 @@ def _artifact_problem(path: Path, deep: bool) -> str | None:
             return str(exc)
         return None
     try:
-        if path.stat().st_size == 0 or (path.suffix == ".json" and json.loads(path.read_text()) is None):
+        if path.stat().st_size == 0:
             return f"artifact {path} is empty"
+        if path.suffix == ".json":
+            json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return f"artifact {path} is unreadable ({exc})"
     return None

@@ -11,6 +11,7 @@ artifacts a defense needs, the execution log) without its compute, so the whole 
 a minute. The 2-node cluster case is in test_sweep_cluster.py."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -188,3 +189,25 @@ def a_locked_mlflow_store_stops_the_run_before_anything_runs(driver: Driver, cap
 
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+RACER = """
+import json, sys
+from sweep.execute import simulated_cell
+cell, out = json.loads(sys.argv[1]), sys.argv[2]
+print(simulated_cell(cell, out, "race", epochs=3, epoch_seconds=0.3)["row"]["status"])
+"""
+
+
+def test_two_processes_given_the_same_cell_compute_it_once(tmp_path):
+    """What a worker orphaned by a killed driver and the new run's worker do: both are handed the
+    same unfinished cell. The cell's lock makes the second wait and then find its marker."""
+    from sweep.runner import cell_payload
+
+    plan = expand(parse_grid(GRID.format(ratios="[0.1]")))
+    cell = json.dumps(cell_payload(plan.attacks[0], "attack"))
+    out = tmp_path / "out"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, cell, str(out)], stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    assert [r.communicate(timeout=120)[0].strip() for r in racers] == ["done", "done"]
+    assert SweepLayout(out).execution_counts() == {(plan.attacks[0].cell_id, "attack_trained"): 1}
