@@ -25,7 +25,6 @@ from ray.tune.search import Searcher
 
 from sweep import failpoints
 from sweep.execute import ATTACK_FAILED, DEFENSE_NOT_DONE, UPSTREAM_REASONS, skipped_marker
-from sweep.failpoints import failpoint
 from sweep.layout import SweepLayout
 
 log = logging.getLogger("bdsweep")
@@ -194,7 +193,7 @@ class Bookkeeper:
                 return
             try:
                 write_row(self.layout.root, marker["row"])
-                failpoint("cell_recorded")
+                failpoints.failpoint("cell_recorded")
                 self.tracker.log_cell(marker)
             except BaseException as exc:  # reported at close(); reconcile repairs it on the next run
                 self.error = exc
@@ -427,7 +426,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
                 waiting.setdefault(prerequisite, []).append(payload)
     if skipped:
         reconcile(layout, tracker, skipped)  # one read of the results table for all of them
-    failpoint("planning")
+    failpoints.failpoint("planning")
 
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - len(todo))
     progress = Progress(plan.total_cells, outcome.already_finished, options.progress)

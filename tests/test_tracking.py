@@ -66,3 +66,22 @@ def test_a_defense_cells_diagnostics_are_tracked(tmp_path):
     assert run.data.metrics["diag_max_anomaly_index"] == 4.2
     assert run.data.metrics["diag_pruned_channels"] == 12 and run.data.metrics["diag_flagged"] == 1
     assert json.loads(run.data.tags["diag_detected_targets"]) == [3]
+
+
+def test_the_sqlite_shortcut_finds_the_same_runs_as_mlflow(tmp_path):
+    """The resume reads (run, status, cell_id) straight from the store; it must agree with MLflow's
+    own search, deleted runs and RUNNING ones included."""
+    from sweep.tracking import _sqlite_cell_runs
+
+    uri = default_uri(tmp_path)
+    tracker = Tracker(uri, "s", tmp_path)
+    for cell_id in ("c1", "c2", "c3"):
+        tracker.log_cell(marker(cell_id))
+    tracker.client.create_run(tracker.experiment_id, tags={"cell_id": "c4"})  # left RUNNING
+    tracker.client.delete_run(tracker.runs["c3"])
+    expected = {(run.info.run_id, run.info.status, run.data.tags["cell_id"])
+                for run in tracker.client.search_runs([tracker.experiment_id], max_results=1000)}
+    rows = _sqlite_cell_runs(uri, tracker.experiment_id)
+    assert set(rows) == expected and len(rows) == 4  # c1, c2, c4 and the parent
+    restarted = Tracker(uri, "s", tmp_path)
+    assert restarted.is_tracked("c1") and not restarted.is_tracked("c4") and "c3" not in restarted.runs
