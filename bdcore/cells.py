@@ -87,6 +87,26 @@ def compatibility_problem(model: str, attack: str, defense: str | None = None) -
     return None
 
 
+def cell_modules(spec: AttackCellSpec, defense: str | None = None, analysis: str | None = None) -> tuple[str, ...]:
+    """The modules whose code computes a cell (an attack cell; with `defense`, that defense's cell; with
+    `analysis` too, the analysis of that defense cell): the method's module, the model's, the dataset
+    loader's and the cell runner. Whatever they import follows from their source (sweep.codeprint)."""
+    from bdcore.data.registry import DATASETS
+    from bdcore.models.registry import MODELS
+
+    model = "bdcore.clip.models" if spec.is_clip else MODELS.module_of(spec.model)
+    roots = [model, DATASETS.module_of(spec.dataset)]
+    if analysis is not None:
+        from bdcore.reactivation import ANALYSES
+
+        roots += [ANALYSES.module_of(analysis), "bdcore.reactivation.cells"]
+    elif defense is not None:
+        roots += [(CLIP_DEFENSES if defense in clip_defense_names() else DEFENSES).module_of(defense), __name__]
+    else:
+        roots += [(CLIP_ATTACKS if spec.attack in clip_attack_names() else ATTACKS).module_of(spec.attack), __name__]
+    return tuple(roots)
+
+
 class AttackCellSpec(BaseModel):
     """One attack cell: dataset x model x attack x ratio x label mode x seed (+ parameters)."""
 

@@ -62,6 +62,11 @@ class Registry(Generic[T]):
         self._discover()
         return sorted(self._entries)
 
+    def module_of(self, name: str) -> str:
+        """The module that registered `name` (its code is the entry's code; sweep fingerprints it)."""
+        entry = self.get(name)
+        return getattr(entry, "__module__", None) or type(entry).__module__
+
     def __contains__(self, name: object) -> bool:
         self._discover()
         return name in self._entries

@@ -107,10 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out!r} is a file; the output folder must be a folder (new or a sweep's)")
-    plan = expand(load_grid(args.grid))  # nothing runs on an invalid grid
+    resources = _parse_resources(args.resources)
+    plan = expand(_with_resources(load_grid(args.grid), resources))  # nothing runs on an invalid grid
     # Imported only now: a bad grid is refused before Ray or MLflow is even loaded.
     from sweep.results import format_results, load_results
-    from sweep.runner import RunOptions, run_sweep
+    from sweep.runner import ResourceError, RunOptions, run_sweep
 
     for warning in plan.warnings:
         print(f"bdsweep: warning: {warning}", file=sys.stderr)
@@ -118,14 +119,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         out=Path(args.out), address=args.address, mlflow_uri=args.mlflow_uri, max_concurrent=args.max_concurrent,
         retry_failed=args.retry_failed, device=args.device, progress=not args.quiet,
         executor_args=_parse_params(args.executor_arg, "--executor-arg"), tracking_wait=args.tracking_wait,
+        keep_stale=args.keep_stale, rerun=_check_rerun(args.rerun), grid_text=Path(args.grid).read_text(),
     )
     if args.executor:
         _check_executor(args.executor)
         options.executor = args.executor
-    outcome = run_sweep(plan, options)
+    try:
+        outcome = run_sweep(plan, options)
+    except ResourceError as exc:  # refused before any cell ran: a usage error, not a crash
+        raise UsageError(str(exc)) from exc
     table = load_results(outcome.out)
-    table = table[table["sweep"] == plan.name] if len(table) else table
+    in_plan = {c.cell_id for c in [*plan.attacks, *plan.defenses]}
+    table = table[table["cell_id"].isin(in_plan)] if len(table) else table
     print(format_results(table, "table"))
+    if outcome.statuses.get("failed"):
+        _print_failures(outcome.out, plan)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items()))
     print(f"\nsweep {plan.name!r}: {plan.total_cells} cells ({counts}); ran {outcome.ran} now, "
           f"{outcome.already_finished} were already finished")
@@ -138,6 +146,78 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if outcome.statuses.get("failed") else 0
 
 
+RESOURCE_STAGES, RESOURCE_KEYS = ("attack", "defense", "analysis"), ("cpu", "gpu")
+
+
+def _parse_resources(items: Sequence[str] | None) -> dict[str, dict[str, float]]:
+    """--resources STAGE.KEY=VALUE items as {stage: {key: value}}."""
+    accepted = (f"expected STAGE.KEY=VALUE with STAGE {', '.join(RESOURCE_STAGES)}, KEY "
+                f"{' or '.join(RESOURCE_KEYS)} and VALUE a number >= 0, e.g. attack.gpu=0")
+    overrides: dict[str, dict[str, float]] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        stage, _, key = name.strip().partition(".")
+        if not sep or stage not in RESOURCE_STAGES or key not in RESOURCE_KEYS:
+            raise UsageError(f"--resources {item!r}: {accepted}")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not number >= 0 or number == float("inf"):
+            raise UsageError(f"--resources {item!r}: {value!r} is not a number >= 0; {accepted}")
+        overrides.setdefault(stage, {})[key] = number
+    return overrides
+
+
+def _with_resources(grid, overrides: dict[str, dict[str, float]]):
+    """The grid with its `resources` overridden for this run (cell ids do not depend on them)."""
+    if not overrides:
+        return grid
+    from pydantic import ValidationError
+
+    from sweep.grid import StageResources
+
+    merged = grid.resources.model_dump()
+    for stage, values in overrides.items():
+        merged[stage].update(values)
+    try:
+        resources = StageResources.model_validate(merged)
+    except ValidationError as exc:  # e.g. a fractional GPU above 1
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise UsageError(f"--resources: {problems}") from None
+    return grid.model_copy(update={"resources": resources})
+
+
+def _print_failures(out: Path, plan, limit: int = 20) -> None:
+    """After the table: each failed cell of this plan with its error line, and where to look further."""
+    from sweep.results import failure_lines, status_summary
+
+    ids = {c.cell_id for c in [*plan.attacks, *plan.defenses, *plan.analyses]}
+    failed = [entry for entry in status_summary(out)["failed"] if entry["cell_id"] in ids]
+    if not failed:
+        return
+    print(f"\nfailed cells ({len(failed)}):")
+    print("\n".join(failure_lines(failed, limit=limit)))
+    print(f"details (markers, tracebacks): bdsweep status {out}   and   bdsweep status {out} --traceback CELL_ID")
+
+
+def _check_rerun(where: str | None) -> str | None:
+    """A --rerun expression, checked against the results columns before anything runs."""
+    if where is None:
+        return None
+    import pandas as pd
+
+    from sweep.layout import ROW_COLUMNS
+    from sweep.results import select_rows
+
+    try:
+        select_rows(pd.DataFrame(columns=ROW_COLUMNS), where)
+    except ValueError as exc:
+        raise UsageError(f"--rerun: {exc}") from exc
+    return where
+
+
 def _check_executor(path: str) -> None:
     from sweep.runner import resolve_executor
 
@@ -148,17 +228,49 @@ def _check_executor(path: str) -> None:
                          "e.g. sweep.execute:simulated_cell") from exc
 
 
-def cmd_results(args: argparse.Namespace) -> int:
-    from sweep.results import format_results, load_results
+def _is_sweep_folder(folder: Path) -> bool:
+    from sweep.layout import SweepLayout
 
-    if not Path(args.dir).is_dir():
-        raise UsageError(f"{args.dir}: no such output folder")
+    layout = SweepLayout(folder)
+    return layout.sweep_file.is_file() or layout.cells.is_dir() or (folder / "results").is_dir()
+
+
+def _check_sweep_folder(path: str) -> None:
+    """`path` must be a sweep's output folder. Without this check, results / status / query / report on
+    the wrong folder (often the parent, e.g. `runs` for `runs/quickstart`) print an empty table and exit 0,
+    which reads as "the sweep has no results"."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"{path}: no such output folder")
+    if _is_sweep_folder(folder):
+        return
     try:
-        text = format_results(load_results(args.dir), args.format, where=args.where,
-                              pivot=tuple(args.pivot) if args.pivot else None)
+        inner = sorted(str(folder / c.name) for c in folder.iterdir() if c.is_dir() and _is_sweep_folder(c))
+    except OSError:  # unreadable: nothing to suggest
+        inner = []
+    shown = ", ".join(inner[:5]) + (f" (and {len(inner) - 5} more)" if len(inner) > 5 else "")
+    hint = f"sweep folders under it: {shown}" if inner else "give the folder `bdsweep run --out` wrote"
+    raise UsageError(f"{path}: not a sweep output folder (no sweep.json, cells/ or results/ in it); {hint}")
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from sweep.results import format_results, load_results, pivot_note
+
+    _check_sweep_folder(args.dir)
+    if args.agg is not None and not args.pivot:
+        raise UsageError(f"--agg {args.agg} aggregates pivot cells; give --pivot ROWS COLS VALUE too")
+    pivot, agg = (tuple(args.pivot) if args.pivot else None), args.agg or "mean"
+    note = None
+    try:
+        table = load_results(args.dir, scope="all" if args.all else "current")
+        text = format_results(table, args.format, where=args.where, pivot=pivot, agg=agg)
+        if pivot is not None and args.format in ("csv", "json"):  # table/markdown end with the note already
+            note = pivot_note(table, pivot, agg, where=args.where)
     except ValueError as exc:  # a bad --where expression or --pivot column; the message names which
         raise UsageError(str(exc)) from exc
     print(text)
+    if note is not None:  # stderr, so stdout stays machine-readable
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -166,8 +278,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from sweep.query import QueryError, query_results
     from sweep.results import format_results
 
+    _check_sweep_folder(args.dir)
     try:
-        frame = query_results(args.dir, args.sql)
+        frame = query_results(args.dir, args.sql, scope="all" if args.all else "current")
     except (FileNotFoundError, QueryError) as exc:
         raise UsageError(str(exc)) from exc
     print(format_results(frame, args.format, columns=[str(c) for c in frame.columns]))
@@ -177,12 +290,25 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep.report import ReportFolderError, build_report
 
+    _check_sweep_folder(args.dir)  # before the default DIR/report is written into a foreign folder
     try:
-        report = build_report(args.dir, args.out)
+        report = build_report(args.dir, args.out, scope="all" if args.all else "current")
     except (FileNotFoundError, ReportFolderError) as exc:
         flag = "--out: " if isinstance(exc, ReportFolderError) else ""
         raise UsageError(f"{flag}{exc}") from exc
     print(f"report: {report.html}  (Markdown: {report.markdown}; {len(report.images)} figures)")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sweep.prune import format_prune, prune
+
+    _check_sweep_folder(args.dir)
+    try:
+        report = prune(args.dir, dry_run=args.dry_run)
+    except ValueError as exc:  # no grid run recorded: nothing says which cells are current
+        raise UsageError(str(exc)) from exc
+    print(format_prune(report, args.dry_run))
     return 0
 
 
@@ -254,10 +380,34 @@ def cmd_show_trigger(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sweep.results import format_status, status_summary
 
-    if not Path(args.dir).is_dir():
-        raise UsageError(f"{args.dir}: no such output folder")
+    _check_sweep_folder(args.dir)
+    if args.traceback is not None:
+        print(_stored_traceback(args.dir, args.traceback), end="")
+        return 0
     print(format_status(status_summary(args.dir)))
     return 0
+
+
+def _stored_traceback(out: str, cell_id: str) -> str:
+    """The traceback a failed cell's marker (DIR/cells/<id>.json) keeps."""
+    import re
+
+    from sweep.layout import SweepLayout
+
+    layout = SweepLayout(out)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", cell_id):  # an id, never a path
+        raise UsageError(f"--traceback {cell_id!r}: not a cell id (letters, digits, - and _; "
+                         f"`bdsweep status {out}` lists the failed cells)")
+    marker = layout.read_marker(cell_id)
+    if marker is None:
+        raise UsageError(f"--traceback {cell_id}: no such cell in {out} (no marker {layout.marker(cell_id)}); "
+                         f"`bdsweep status {out}` lists the failed cells")
+    tb = marker.get("traceback")
+    if not tb:
+        row = marker["row"]
+        raise UsageError(f"--traceback {cell_id}: its marker keeps no traceback (status {row.get('status')}"
+                         f"{': ' + str(row['error']) if row.get('error') else ''})")
+    return tb if tb.endswith("\n") else tb + "\n"
 
 
 def is_loopback(host: str) -> bool:
@@ -338,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mlflow-uri", default=None, help="tracking server URI, or none (default: sqlite store in the output folder)")
     run.add_argument("--max-concurrent", type=int, default=None, help="cells running at once (default: CPUs)")
     run.add_argument("--retry-failed", action="store_true", help="run failed cells (and the ones they skipped) again")
+    run.add_argument("--rerun", default=None, metavar="EXPR",
+                     help="recompute the finished cells this --where expression selects, and the cells that depend "
+                          "on them, e.g. \"attack == 'badnet' and defense == 'ft'\"")
+    run.add_argument("--keep-stale", action="store_true",
+                     help="keep finished cells whose code changed since they ran (default: recompute them)")
     run.add_argument("--device", default="auto")
     run.add_argument("--quiet", action="store_true", help="no progress line")
     run.add_argument("--tracking-wait", type=float, default=60.0, metavar="SECONDS",
@@ -347,13 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "sweep.execute:simulated_cell exercise the engine without training")
     run.add_argument("--executor-arg", action="append", metavar="KEY=VALUE",
                      help="keyword argument of --executor (repeatable), e.g. epoch_seconds=0.5")
+    run.add_argument("--resources", action="append", metavar="STAGE.KEY=VALUE",
+                     help="override the grid's per-trial resources for this run (repeatable; STAGE attack, defense "
+                          "or analysis, KEY cpu or gpu), e.g. attack.gpu=0; cell ids do not change")
     run.set_defaults(func=cmd_run)
 
     results = sub.add_parser("results", help="print the results table of an output folder")
     results.add_argument("dir")
     results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
-    results.add_argument("--where", default=None, help="pandas query, e.g. \"attack == 'badnet' and ratio >= 0.05\"")
-    results.add_argument("--pivot", nargs=3, metavar=("ROWS", "COLS", "VALUE"), default=None)
+    results.add_argument("--where", default=None, help="pandas query, e.g. \"attack == 'badnet' and ratio >= 0.05\"; "
+                         "metrics are fractions: asr < 0.5 for 50%%")
+    results.add_argument("--pivot", nargs=3, metavar=("ROWS", "COLS", "VALUE"), default=None,
+                         help="matrix of VALUE, e.g. attack defense asr; a note names what several rows per cell "
+                         "were aggregated over")
+    results.add_argument("--agg", default=None, choices=["mean", "median", "min", "max", "count"],
+                         help="how --pivot combines the rows of one cell (default: mean)")
+    results.add_argument("--all", action="store_true", help="also the rows of cells no longer current (edited away, stale code), with a `current` column")
     results.set_defaults(func=cmd_results)
 
     query = sub.add_parser("query", help="run SQL (DuckDB) over the results of an output folder",
@@ -363,15 +527,26 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("dir")
     query.add_argument("sql", help="e.g. \"SELECT defense, avg(asr) AS asr FROM results GROUP BY ALL\"")
     query.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    query.add_argument("--all", action="store_true", help="also the rows of cells no longer current (edited away, stale code), with a `current` column")
     query.set_defaults(func=cmd_query)
 
     report = sub.add_parser("report", help="write an HTML report (and its Markdown twin) of an output folder")
     report.add_argument("dir")
     report.add_argument("--out", default=None, help="report folder (default DIR/report)")
+    report.add_argument("--all", action="store_true", help="also the cells no longer current")
     report.set_defaults(func=cmd_report)
+
+    prune = sub.add_parser("prune", help="move the rows, markers and artifacts of cells no longer current aside",
+                           description="Cells that no recorded grid run holds current (edited params, removed "
+                                       "axes, superseded code) move under DIR/pruned/<time>/; nothing is deleted.")
+    prune.add_argument("dir")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would move")
+    prune.set_defaults(func=cmd_prune)
 
     status = sub.add_parser("status", help="counts of finished / failed / skipped cells, with failures")
     status.add_argument("dir")
+    status.add_argument("--traceback", default=None, metavar="CELL_ID",
+                        help="print the traceback stored with that cell's failure (DIR/cells/CELL_ID.json)")
     status.set_defaults(func=cmd_status)
 
     ui = sub.add_parser("ui", help="open the MLflow UI of an output folder (listens on 127.0.0.1 by default)")
@@ -409,6 +584,22 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _after_broken_pipe() -> int:
+    """End quietly once stdout's reader has gone: stdout is pointed at /dev/null so the interpreter's
+    final flush of what is still buffered cannot raise (and print a traceback) again. The exit code is
+    141 = 128 + SIGPIPE, what a shell reports for `cat` in the same pipe, so `set -o pipefail` scripts
+    see the output was cut, as with any other tool."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file descriptor (captured in-process): nothing to flush later
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
@@ -421,7 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # output smaller than the pipe buffer meets a closed reader here, not at exit
+        return code
+    except BrokenPipeError:  # `bdsweep results DIR --format csv | head -1`: the reader has all it wants
+        return _after_broken_pipe()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in exc.errors()

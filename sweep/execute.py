@@ -58,6 +58,7 @@ def base_row(cell: dict, sweep: str) -> dict[str, Any]:
         "parent_cell_id": cell["parent_cell_id"] if cell["kind"] == "analysis" else None,
         **{name: None for name in ANALYSIS_METRICS},
         "analysis_budget": None,
+        "code": cell.get("code") or None,  # the code fingerprint the driver planned it with
     }
 
 
@@ -101,11 +102,44 @@ def _attempts(cell: dict, out_dir: str, sweep: str, device: str, work: Callable)
             tb = None
             break
         except Exception as exc:  # recorded, retried, then reported as failed: the sweep goes on
-            row.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
+            if _is_skip(exc):  # a method that does not apply escaped its cell function: a skip, as there
+                row.update(status="skipped", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                tb = None
+                break
+            # The whole first line (the full text is in the traceback kept in the marker).
+            row.update(status="failed", error=(f"{type(exc).__name__}: {exc}".splitlines() or [""])[0])
             tb = traceback.format_exc()
+            if _will_recur(exc):
+                break  # the same input fails the same way: a retry would only repeat it
     row["wall_s"] = time.perf_counter() - started
     row["finished_at"] = now_iso()
     return {"row": row, "history": history, "traceback": tb}
+
+
+def _is_skip(exc: Exception) -> bool:
+    from bdcore.defenses import DefenseSkipped
+    from bdcore.reactivation import NotApplicable
+
+    return isinstance(exc, (DefenseSkipped, NotApplicable))
+
+
+def _will_recur(exc: Exception) -> bool:
+    """True for errors about the cell's input (a missing dataset, bad parameters, unusable weights,
+    an unknown name, a damaged artifact): retrying reads the same input and fails the same way.
+    One of them raised from an I/O error other than a missing or forbidden file (a flaky network
+    file system) may pass on a retry, so it is retried."""
+    from pydantic import ValidationError
+
+    from bdcore.artifacts import ArtifactError
+    from bdcore.data import DatasetError
+    from bdcore.models import WeightsError
+    from bdcore.registry import UnknownNameError
+
+    if not isinstance(exc, (DatasetError, ValidationError, WeightsError, UnknownNameError, ArtifactError)):
+        return False
+    cause = exc.__cause__
+    settled = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    return not (isinstance(cause, OSError) and not isinstance(cause, settled))
 
 
 def _run_once(cell: dict, out_dir: str, device: str, row: dict, history: list) -> None:

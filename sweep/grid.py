@@ -18,8 +18,8 @@ name or its label.
 
 Everything is checked before anything runs: names against bdcore's registries, every parameter
 through bdcore's own pydantic configs (once per distinct combination, not per cell), and, when the
-grid is expanded, the files it names (dataset folders, `pretrained` weights; see
-_check_input_files). Each problem is a one-line GridError naming the file and the key path.
+grid is expanded, the files it names (dataset folders, `pretrained` weights, CLIP caption tables;
+see _check_input_files). Each problem is a one-line GridError naming the file and the key path.
 
 Cell ids are content hashes, so editing a grid keeps the ids (and results) of unchanged cells:
   attack cell id  = sha256(spec.key(), bdcore version, dataset fingerprint)[:16]
@@ -59,18 +59,21 @@ from bdcore.cells import (
     DefenseCellSpec,
     attack_config_class,
     attack_method_names,
+    cell_modules,
     compatibility_problem,
     defense_config_class,
     defense_method_names,
     train_config_class,
 )
-from bdcore.clip.models import CLIP_PREFIX, clip_arch_names, is_clip_model
+from bdcore.clip.data import check_caption_table
+from bdcore.clip.models import CLIP_PREFIX, TINY, clip_arch_names, find_weights, is_clip_model, weights_folder
 from bdcore.data.base import DatasetError
 from bdcore.data.registry import check_dataset_folder, dataset_names, dataset_root
 from bdcore.models.registry import WeightsError, check_weights_file, model_names, read_weight_shapes
 from bdcore.reactivation import analysis_config, analysis_names
 from bdcore.reactivation.cells import AnalysisCellSpec
 from bdcore.train.config import default_train_config
+from sweep.codeprint import CodeIndex
 from sweep.layout import SweepLayout
 
 # A plain name: it becomes part of folder names (Tune's run folder under the output folder), MLflow
@@ -691,16 +694,20 @@ def dataset_fingerprint(name: str, root: str | os.PathLike | None = None) -> str
 
 # -- input files ----------------------------------------------------------------------------
 
-def _check_input_files(grid: Grid) -> None:
+def _check_input_files(grid: Grid) -> list[str]:
     """The files a grid names, checked before anything runs (cheaply: a dataset's layout and one
-    sample file, a weights file's tensor names and shapes):
+    sample file, a weights file's tensor names and shapes, a caption table's header); returns the
+    warnings about default locations that are not here:
 
     - a dataset with an explicit `root` must be there, in its standard layout: a folder given by
       name is a promise that the data is here;
     - a dataset on its default folder ($BDCORE_<NAME>_ROOT, $BDCORE_DATA_ROOT/<folder>) is checked
       when that folder exists; when it does not, expand() only warns (the data may live on the
       cluster's storage alone);
-    - a `pretrained` weights file must exist and fit the model (not another architecture)."""
+    - a `pretrained` weights file must exist and fit the model (not another architecture); a CLIP
+      model's default weights folder is treated like a dataset's default folder;
+    - a CLIP training's `captions` table and `image_root` folder must be there, the table with an
+      image and a caption column."""
     datasets = [(f"datasets[{i}]", d) for i, d in enumerate(grid.datasets)]
     named = {d.name for d in grid.datasets}
     datasets += [(f"include[{k}].dataset", inc.dataset) for k, inc in enumerate(grid.include)
@@ -734,6 +741,57 @@ def _check_input_files(grid: Grid) -> None:
                 check_weights_file(entry.pretrained, entry.name)
         except WeightsError as exc:
             raise _Invalid(path, str(exc)) from None
+    _check_caption_tables(grid)
+    return _check_default_clip_weights(grid)
+
+
+def _check_caption_tables(grid: Grid) -> None:
+    """A CLIP training's `captions` table and `image_root` folder, in the grid's `train` or an
+    override's: paths given by name, so, like a dataset's explicit `root`, they must be here. The table
+    is checked from its header only (bdcore's check_caption_table), with the columns its loader needs."""
+    layers = [("train", grid.train)] + [(f"overrides[{k}].train", rule.train) for k, rule in enumerate(grid.overrides)]
+    for path, train in layers:
+        captions, image_root = train.get("captions"), train.get("image_root")
+        if captions is not None:
+            try:
+                check_caption_table(str(captions))
+            except (OSError, ValueError) as exc:
+                where = (" (a caption table named in a grid must exist where the grid is planned)"
+                         if isinstance(exc, FileNotFoundError) else "")
+                raise _Invalid(f"{path}.captions", f"{exc}{where}") from None
+        if image_root is not None and not Path(str(image_root)).is_dir():
+            what = "is not a folder" if Path(str(image_root)).exists() else "does not exist"
+            raise _Invalid(f"{path}.image_root", f"image folder {str(image_root)!r} {what}; `image_root` is the "
+                                                 "existing folder the caption table's image paths are relative to "
+                                                 "(default: the table's folder)")
+
+
+def _check_default_clip_weights(grid: Grid) -> list[str]:
+    """A `clip:<arch>` model without `pretrained` reads the first weights file of
+    $BDCORE_WEIGHTS_ROOT/clip/<arch>/ when its cell runs. As for a dataset's default folder: when that
+    folder is here it must hold a readable file; when it is not, a warning (the weights may live on
+    the cluster alone). clip:tiny needs none (it trains from scratch)."""
+    named = {m.name for m in grid.models}
+    models = [(f"models[{i}]", m) for i, m in enumerate(grid.models)]
+    models += [(f"include[{k}].model", inc.model) for k, inc in enumerate(grid.include)
+               if inc.model.name not in named]  # a bare name is the grid's entry of that name
+    warnings: list[str] = []
+    seen: set[str] = set()
+    for path, entry in models:
+        arch = entry.name[len(CLIP_PREFIX):]
+        if not is_clip_model(entry.name) or entry.pretrained is not None or arch == TINY or arch in seen:
+            continue
+        seen.add(arch)
+        folder = weights_folder(arch)
+        if not folder.exists():
+            warnings.append(f"model {entry.name!r}: no weights folder at {str(folder)!r} here (fine if the weights "
+                            "live on the cluster; or pin the file with `pretrained`)")
+            continue
+        try:
+            read_weight_shapes(find_weights(arch))
+        except WeightsError as exc:
+            raise _Invalid(path, str(exc)) from None
+    return warnings
 
 
 # -- plans ----------------------------------------------------------------------------------
@@ -750,6 +808,7 @@ class AttackCell:
     spec: AttackCellSpec
     resources: Resources
     retries: int
+    code: str = ""  # fingerprint of the code that computes it (sweep.codeprint)
 
 
 @dataclass(frozen=True)
@@ -760,6 +819,7 @@ class DefenseCell:
     spec: DefenseCellSpec
     resources: Resources
     retries: int
+    code: str = ""
 
 
 @dataclass(frozen=True)
@@ -770,6 +830,7 @@ class AnalysisCell:
     spec: AnalysisCellSpec
     resources: Resources
     retries: int
+    code: str = ""
 
 
 @dataclass
@@ -782,6 +843,7 @@ class Plan:
     defenses: list[DefenseCell]
     warnings: list[str] = field(default_factory=list)
     analyses: list[AnalysisCell] = field(default_factory=list)
+    code_records: dict[str, dict] = field(default_factory=dict)  # fingerprint -> CodeIndex.record()
     _index: dict[str, list[DefenseCell]] | None = field(default=None, init=False, repr=False, compare=False)
     _indexed: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -807,10 +869,11 @@ def expand(grid: Grid) -> Plan:
     seeds, targets; then includes), each once, with content-addressed ids."""
     try:
         drafts, warnings = _Composer(grid).compose()
-        _check_input_files(grid)
+        warnings += _check_input_files(grid)
     except _Invalid as exc:
         raise GridError(grid._source, exc.problems) from None
     version = bdcore.__version__
+    code = _CodePrints()
     attack_res = Resources(grid.resources.attack.cpu, grid.resources.attack.gpu)
     defense_res = Resources(grid.resources.defense.cpu, grid.resources.defense.gpu)
     analysis_res = Resources(grid.resources.analysis.cpu, grid.resources.analysis.gpu)
@@ -827,38 +890,66 @@ def expand(grid: Grid) -> Plan:
                 warnings.append(f"dataset {spec.dataset!r}: no folder at {str(dataset_folder(*data))!r} here (fine "
                                 "if the data lives on the cluster; its cell ids change once the folder is visible)")
         attack_id = _digest({"spec": spec.key(), "bdcore": version, "data": fingerprints[data]})
-        attacks.setdefault(attack_id, AttackCell(attack_id, spec, attack_res, grid.retries))
+        attacks.setdefault(attack_id, AttackCell(attack_id, spec, attack_res, grid.retries, code(spec)))
         for label, dspec, dump in draft.defenses:
             defense_id = _digest({"attack_cell": attack_id, "defense": dspec.defense, "config": dump})
             kept = defenses.setdefault(defense_id, DefenseCell(defense_id, attack_id, label, dspec, defense_res,
-                                                                grid.retries))
+                                                                grid.retries, code(spec, dspec.defense)))
             if kept.label != label:
                 merged[(label, kept.label)] = merged.get((label, kept.label), 0) + 1
     warnings += [f"defense {label!r} is the same cell as {same!r} for {n} attack cell{'s' * (n > 1)}: it runs once, "
                  f"as {same!r}" for (label, same), n in merged.items()]
     analyses = []
     for defense in defenses.values():
-        seed = attacks[defense.attack_cell_id].spec.seed
+        spec = attacks[defense.attack_cell_id].spec
+        seed = spec.seed
         for entry in grid.analysis:
             aspec = AnalysisCellSpec(analysis=entry.name, params=entry.params)
             analysis_id = _digest({"defense_cell": defense.cell_id, "analysis": entry.name,
                                    "config": aspec.config(seed).model_dump()})
             analyses.append(AnalysisCell(analysis_id, defense.cell_id, defense.attack_cell_id, aspec, analysis_res,
-                                         grid.retries))
-    return Plan(grid.name, list(attacks.values()), list(defenses.values()), warnings, analyses)
+                                         grid.retries, code(spec, defense.spec.defense, entry.name)))
+    return Plan(grid.name, list(attacks.values()), list(defenses.values()), warnings, analyses, code.records)
+
+
+class _CodePrints:
+    """Cells' code fingerprints, each distinct set of modules hashed once per plan."""
+
+    def __init__(self) -> None:
+        self.index = CodeIndex()
+        self.records: dict[str, dict] = {}
+        self._by_method: dict[tuple, str] = {}
+
+    def __call__(self, spec: AttackCellSpec, defense: str | None = None, analysis: str | None = None) -> str:
+        key = (spec.model, spec.dataset, spec.attack if defense is None else None, defense, analysis)
+        if key not in self._by_method:
+            roots = cell_modules(spec, defense, analysis)
+            fingerprint = self.index.fingerprint(roots)
+            self.records.setdefault(fingerprint, self.index.record(roots))
+            self._by_method[key] = fingerprint
+        return self._by_method[key]
 
 
 def plan_summary(plan: Plan, out_dir: str | os.PathLike | None = None) -> dict:
-    """Cell counts of `plan`, and how many of them the markers in `out_dir` show finished."""
-    finished = SweepLayout(out_dir).finished_ids() if out_dir is not None else {}
+    """Cell counts of `plan`, how many of them the markers in `out_dir` show finished, and how many
+    of those are stale (their code changed since; `bdsweep run` recomputes them) and why."""
+    from sweep.freshness import changed_files, dependents_in_plan, planned_codes, stale_cells
+
+    layout = SweepLayout(out_dir) if out_dir is not None else None
+    planned = planned_codes(plan)
+    markers = {m["row"]["cell_id"]: m for m in layout.markers()} if layout is not None else {}
+    markers = {cid: m for cid, m in markers.items() if cid in planned}
     counts = {"done": 0, "failed": 0, "skipped": 0}
-    for cell in [*plan.attacks, *plan.defenses, *plan.analyses]:
-        status = finished.get(cell.cell_id)
+    for marker in markers.values():
+        status = marker["row"].get("status")
         if status in counts:
             counts[status] += 1
+    stale = stale_cells(planned, markers)
     return {"name": plan.name, "attack_cells": len(plan.attacks), "defense_cells": len(plan.defenses),
             "analysis_cells": len(plan.analyses),
             "total_cells": plan.total_cells, **counts, "pending": plan.total_cells - sum(counts.values()),
+            "stale": len(stale), "stale_because": changed_files(layout, plan, stale) if stale else [],
+            "stale_dependents": len(dependents_in_plan(plan, set(stale))) if stale else 0,
             "warnings": list(plan.warnings)}
 
 
@@ -867,5 +958,9 @@ def format_plan(summary: dict) -> str:
               f"({summary['attack_cells']} attack + {summary['defense_cells']} defense"
               + (f" + {summary['analysis_cells']} analysis" if summary.get("analysis_cells") else "") + ")")]
     lines += [f"  {status:<8}{summary[status]:>8}" for status in ("done", "failed", "skipped", "pending")]
+    if summary.get("stale"):
+        lines.append(f"  {'stale':<8}{summary['stale']:>8}   finished with code that has changed since: "
+                     f"{', '.join(summary['stale_because'])}; `bdsweep run` recomputes them and the "
+                     f"{summary['stale_dependents']} cell(s) that depend on them, --keep-stale keeps them")
     lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)

@@ -8,6 +8,12 @@
   DIR/results/rows/*.parquet          one-row Parquet files, written atomically
   DIR/results/data/*.parquet          compacted Parquet dataset
   DIR/mlflow.db                       embedded MLflow tracking store (sqlite)
+  DIR/grids/<name>/<version>.json     each run of a grid: its cells and the code fingerprint each
+                                      is current with; the latest version of every grid is what
+                                      results, query and report show by default
+  DIR/code/<fingerprint>.json         the modules (digests, files) behind a code fingerprint
+  DIR/superseded/<time>/...           artifacts of cells recomputed for changed code or --rerun
+  DIR/pruned/<time>/...               rows, markers and artifacts `bdsweep prune` moved aside
 
 A cell (attack, defense or analysis) is finished exactly when its marker exists with status "done" (or "skipped"); Tune's own
 experiment snapshot is never trusted for that.
@@ -38,7 +44,7 @@ ROW_COLUMNS: list[str] = [
     "cell_id", "attack_cell_id", "sweep", "stage", "dataset", "model", "attack", "ratio", "label_mode",
     "target", "seed", "defense", "acc", "asr", "ra", "der", "rir", "status", "error", "wall_s",
     "started_at", "finished_at", "artifact", "attack_params", "defense_params", "diagnostics", "attempts",
-    "analysis", "parent_cell_id", *ANALYSIS_METRICS, "analysis_budget",
+    "analysis", "parent_cell_id", *ANALYSIS_METRICS, "analysis_budget", "code",
 ]
 
 
@@ -102,6 +108,67 @@ class SweepLayout:
                 key = (entry["cell_id"], entry["event"])
                 counts[key] = counts.get(key, 0) + 1
         return counts
+
+    @property
+    def grids(self) -> Path:
+        return self.root / "grids"
+
+    @property
+    def code(self) -> Path:
+        return self.root / "code"
+
+    def write_code_records(self, records: dict[str, dict]) -> None:
+        """Keep what each code fingerprint is made of (written once: a fingerprint never changes)."""
+        for fingerprint, record in records.items():
+            path = self.code / f"{fingerprint}.json"
+            if not path.exists():
+                atomic_write_json(path, record)
+
+    def read_code_record(self, fingerprint: str | None) -> dict | None:
+        if not fingerprint:
+            return None
+        try:
+            record = json.loads((self.code / f"{fingerprint}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def record_grid_run(self, name: str, cells: dict[str, str | None], grid_text: str | None = None) -> int:
+        """Record a run of grid `name` with its cells (cell id -> the code fingerprint it is current
+        with); a new version only when they differ from the latest. Returns the version."""
+        import time
+
+        latest = self.latest_grid_run(name)
+        if latest is not None and latest.get("cells") == cells:
+            return int(latest["version"])
+        version = 1 + (int(latest["version"]) if latest is not None else 0)
+        atomic_write_json(self.grids / name / f"{version:06d}.json",
+                          {"name": name, "version": version, "time": time.time(), "grid": grid_text, "cells": cells})
+        return version
+
+    def latest_grid_run(self, name: str) -> dict | None:
+        folder = self.grids / name
+        versions = sorted(folder.glob("[0-9]*.json")) if folder.is_dir() else []
+        for path in reversed(versions):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # unreadable: the previous version stands
+            if isinstance(record, dict) and isinstance(record.get("cells"), dict):
+                return record
+        return None
+
+    def current_cells(self) -> dict[str, str | None] | None:
+        """cell id -> code fingerprint over the latest version of every grid run here; None when no
+        grid run is recorded (a folder written before grid records, or by write_row alone)."""
+        if not self.grids.is_dir():
+            return None
+        current: dict[str, str | None] = {}
+        for folder in sorted(p for p in self.grids.iterdir() if p.is_dir()):
+            record = self.latest_grid_run(folder.name)
+            if record is not None:
+                current.update(record["cells"])
+        return current
 
     def marker(self, cell_id: str) -> Path:
         return self.cells / f"{cell_id}.json"

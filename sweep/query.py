@@ -20,10 +20,10 @@ import pandas as pd
 
 from sweep.results import load_results
 
-TABLES: dict[str, Callable[[Path], pd.DataFrame]] = {
-    "results": lambda out: load_results(out),
-    "cells": lambda out: load_results(out, analyses="rows"),
-    "attempts": lambda out: load_results(out, latest_only=False, analyses="rows"),
+TABLES: dict[str, Callable[[Path, str], pd.DataFrame]] = {
+    "results": lambda out, scope: load_results(out, scope=scope),
+    "cells": lambda out, scope: load_results(out, analyses="rows", scope=scope),
+    "attempts": lambda out, scope: load_results(out, latest_only=False, analyses="rows", scope=scope),
 }
 
 
@@ -35,10 +35,11 @@ def _mentioned(sql: str) -> list[str]:
     return [name for name in TABLES if re.search(rf"\b{name}\b", sql, flags=re.IGNORECASE)]
 
 
-def query_results(out_dir: str | os.PathLike, sql: str) -> pd.DataFrame:
+def query_results(out_dir: str | os.PathLike, sql: str, scope: str = "current") -> pd.DataFrame:
     """The rows `sql` (DuckDB's dialect) selects from the tables `results`, `cells` and `attempts` of
     the sweep in `out_dir`. FileNotFoundError when there is no such folder; QueryError when the SQL
-    fails, with DuckDB's message and the tables on offer."""
+    fails, with DuckDB's message and the tables on offer. scope: as in load_results ("current": the
+    cells of the latest run of each grid; "all": every row, with a `current` column)."""
     import duckdb
 
     out = Path(out_dir)
@@ -50,7 +51,7 @@ def query_results(out_dir: str | os.PathLike, sql: str) -> pd.DataFrame:
     con = duckdb.connect(config={"enable_external_access": False})
     try:
         for name in _mentioned(sql):
-            con.register(name, TABLES[name](out))
+            con.register(name, TABLES[name](out, scope))
         try:
             cursor = con.execute(sql)
             if cursor.description is None:

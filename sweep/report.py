@@ -367,9 +367,11 @@ def check_report_folder(out: Path, final: Path) -> None:
                                 f"{' / '.join(REPORT_FILES)})")
 
 
-def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Report:
+def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | None = None,
+                 scope: str = "current") -> Report:
     """Write report.html, report.md and images/*.png for the sweep in `out_dir` into `report_dir`
-    (default DIR/report), replacing an older report in one rename."""
+    (default DIR/report), replacing an older report in one rename. scope: as in load_results (the
+    current cells of each grid by default; "all" includes old ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,7 +386,7 @@ def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "images").mkdir(parents=True)
     try:
-        report = _write(out, staging, final)
+        report = _write(out, staging, final, scope)
         atomic_replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -392,8 +394,8 @@ def build_report(out_dir: str | os.PathLike, report_dir: str | os.PathLike | Non
     return report
 
 
-def _write(out: Path, staging: Path, final: Path) -> Report:
-    rows = load_results(out)
+def _write(out: Path, staging: Path, final: Path, scope: str = "current") -> Report:
+    rows = load_results(out, scope=scope)
     summary = status_summary(out)
     done = rows[(rows["status"] == "done") & (rows["stage"] != "analysis")]
     metrics = _metrics_of(done)
@@ -428,7 +430,7 @@ def _write(out: Path, staging: Path, final: Path) -> Report:
     sections.append(Section("Failed and skipped cells", problems,
                             text="" if problems else "None: every finished cell is done."))
 
-    cells = [_cell_config(r) for r in load_results(out, analyses="rows").to_dict(orient="records")]
+    cells = [_cell_config(r) for r in load_results(out, analyses="rows", scope=scope).to_dict(orient="records")]
     counts = summary["by_status"]
     title = f"Backdoor sweep report: {out.resolve().name}"
     intro = (f"{len(cells)} cells: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "

@@ -13,6 +13,7 @@ go to the later file), so duplicates are harmless and nothing is ever lost by wr
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime as _dt
 import json
@@ -39,7 +40,7 @@ from sweep.layout import ANALYSIS_METRICS, ROW_COLUMNS, SweepLayout, exclusive_l
 
 __all__ = [
     "RESULTS_SCHEMA", "ResultsFileWarning", "compact", "format_results", "format_status", "load_results",
-    "rebuild_rows_from_markers", "status_summary", "write_row",
+    "pivot_note", "rebuild_rows_from_markers", "status_summary", "write_row",
 ]
 
 _STR, _F64, _I64, _TS = pa.string(), pa.float64(), pa.int64(), pa.timestamp("us", tz="UTC")
@@ -51,7 +52,7 @@ _COLUMN_TYPES: dict[str, pa.DataType] = {
     "attack_params": _STR, "defense_params": _STR, "diagnostics": _STR, "attempts": _I64,
     "analysis": _STR, "parent_cell_id": _STR,
     **{name: (_I64 if name == "queries_used" else _F64) for name in ANALYSIS_METRICS},
-    "analysis_budget": _STR,
+    "analysis_budget": _STR, "code": _STR,
 }
 if list(_COLUMN_TYPES) != list(ROW_COLUMNS):
     raise AssertionError(
@@ -69,6 +70,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 # Columns only analysis cells fill; rows written before they existed (markers of older sweeps) may lack them.
 ANALYSIS_ONLY_COLUMNS: tuple[str, ...] = ("analysis", "parent_cell_id", *ANALYSIS_METRICS, "analysis_budget")
+# Columns a row may lack because it was written before they existed (absent means null).
+OPTIONAL_COLUMNS: tuple[str, ...] = (*ANALYSIS_ONLY_COLUMNS, "code")
 JSON_COLUMNS: tuple[str, ...] = ("attack_params", "defense_params", "diagnostics", "analysis_budget")
 METRIC_COLUMNS: tuple[str, ...] = ("acc", "asr", "ra", "der", "rir")
 STAGES: tuple[str, ...] = ("attack", "defense", "analysis")
@@ -188,7 +191,7 @@ def _validate_row(row: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(row, Mapping):
         raise TypeError(f"a result row must be a dict, got {type(row).__name__}")
     unknown = sorted(set(row) - set(ROW_COLUMNS), key=str)
-    missing = [c for c in ROW_COLUMNS if c not in row and c not in ANALYSIS_ONLY_COLUMNS]
+    missing = [c for c in ROW_COLUMNS if c not in row and c not in OPTIONAL_COLUMNS]
     if unknown or missing:
         parts = []
         if unknown:
@@ -366,17 +369,24 @@ def _sort_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns="_defense_rank").reset_index(drop=True)
 
 
-def load_results(out_dir: str | os.PathLike, latest_only: bool = True, analyses: str = "merge") -> pd.DataFrame:
+def load_results(out_dir: str | os.PathLike, latest_only: bool = True, analyses: str = "merge",
+                 scope: str = "current") -> pd.DataFrame:
     """The results table of a sweep as a DataFrame with ROW_COLUMNS, sorted for reading.
 
     Reads the compacted parts and the one-row files; unreadable files are skipped with a
     ResultsFileWarning naming them. With latest_only, one row per cell_id (the latest).
     analyses="merge" (with latest_only): the finished analysis cells' columns (bec,
     asr_reactivated_*, queries_used, analysis_budget as {analysis: budget}) are copied onto the row
-    of the defense cell each analysed, and analysis rows are left out; "rows": every cell's own row."""
+    of the defense cell each analysed, and analysis rows are left out; "rows": every cell's own row.
+    scope="current": only the cells of the latest run of each grid recorded in the folder, with the
+    code they are current with (rows of edited-away cells and of stale code are left out; a folder
+    with no grid record shows every row); "all": every row, and a boolean `current` column."""
     if analyses not in ("merge", "rows"):
         raise ValueError(f"analyses must be 'merge' or 'rows', got {analyses!r}")
-    snapshot = _read_all(SweepLayout(out_dir))
+    if scope not in ("current", "all"):
+        raise ValueError(f"scope must be 'current' or 'all', got {scope!r}")
+    layout = SweepLayout(out_dir)
+    snapshot = _read_all(layout)
     _warn_unreadable(snapshot.bad, "skipped (compact() moves it to results/corrupt/)")
     table, rank = _combine(snapshot)
     if latest_only and table.num_rows:
@@ -384,9 +394,32 @@ def load_results(out_dir: str | os.PathLike, latest_only: bool = True, analyses:
     df = table.to_pandas()
     if df["cell_id"].isna().any():
         df = df[df["cell_id"].notna()]
+    current = current_mask(df, layout.current_cells())
+    df = df[current] if scope == "current" else df.assign(current=current)
     if analyses == "merge" and latest_only:
         df = _merge_analyses(df)
-    return _sort_frame(df)[list(ROW_COLUMNS)]
+    return _sort_frame(df)[list(ROW_COLUMNS) + (["current"] if scope == "all" else [])]
+
+
+def current_mask(df: pd.DataFrame, cells: dict[str, str | None] | None) -> np.ndarray:
+    """Which rows belong to a current cell: its id is in `cells` and its code is the one recorded
+    there (every row when `cells` is None: no grid run recorded)."""
+    if cells is None:
+        return np.ones(len(df), dtype=bool)
+    ids = df["cell_id"].to_numpy(dtype=object)
+    codes = df["code"].to_numpy(dtype=object)
+    return np.fromiter((is_current(i, c, cells) for i, c in zip(ids, codes)), dtype=bool, count=len(df))
+
+
+_ABSENT = object()
+
+
+def is_current(cell_id: str, code: Any, cells: dict[str, str | None] | None) -> bool:
+    """Whether a cell's row (its id and code fingerprint) is current (see current_mask)."""
+    if cells is None:
+        return True
+    wanted = cells.get(cell_id, _ABSENT)
+    return wanted is not _ABSENT and wanted == (None if _is_null(code) else code)
 
 
 def _merge_analyses(df: pd.DataFrame) -> pd.DataFrame:
@@ -498,12 +531,36 @@ def _compact_locked(layout: SweepLayout) -> int:
         return merged.num_rows
 
 
+def move_rows(out_dir: str | os.PathLike, cell_ids: set[str], dest: Path) -> int:
+    """Move every row of `cell_ids` out of the results table into the Parquet file `dest`; the rest is
+    compacted into one new part. Returns how many rows moved. Crash-safe like compact(): `dest` is
+    complete before the new part is written, and the inputs go only after both are in place."""
+    import pyarrow.compute as pc
+
+    layout = SweepLayout(out_dir)
+    with exclusive_lock(_results_dir(layout) / ".compact.lock"):
+        snapshot = _read_all(layout)
+        if not snapshot.tables:
+            return 0
+        table, _ = _combine(snapshot)
+        leaving = pc.is_in(table.column("cell_id"), value_set=pa.array(sorted(cell_ids), type=pa.string()))
+        moved = table.filter(leaving)
+        if not moved.num_rows:
+            return 0
+        _write_parquet_atomic(moved, dest, **_PART_OPTIONS)
+        kept = table.filter(pc.invert(leaving))
+        name = f"part-{_compact_utc(_now())}-{secrets.token_hex(4)}.parquet"
+        _write_parquet_atomic(kept, layout.data / name, **_PART_OPTIONS)
+        _delete_inputs([path for path, _ in snapshot.tables])
+        return moved.num_rows
+
+
 def rebuild_rows_from_markers(out_dir: str | os.PathLike) -> int:
     """Write a result row for every cell marker (DIR/cells/*.json) whose cell_id has no row in the
     results table, e.g. after compact() quarantined a corrupt file. Returns how many were written.
     Markers whose row does not validate are reported with a warning and skipped."""
     layout = SweepLayout(out_dir)
-    present = set(load_results(out_dir, latest_only=True, analyses="rows")["cell_id"])
+    present = set(load_results(out_dir, latest_only=True, analyses="rows", scope="all")["cell_id"])
     written = 0
     for marker in layout.markers():
         row = marker.get("row") if isinstance(marker, dict) else None
@@ -524,7 +581,58 @@ def rebuild_rows_from_markers(out_dir: str | os.PathLike) -> int:
 # formatting
 
 
+# The columns that tell one result from another; a pivot cell that mixes several values of one of
+# them is an aggregate over that axis, and format_results says so.
+IDENTITY_COLUMNS: tuple[str, ...] = ("dataset", "model", "attack", "ratio", "label_mode", "target", "seed",
+                                     "defense", "analysis")
+PIVOT_AGGS: tuple[str, ...] = ("mean", "median", "min", "max", "count")
+_COMPARE_TEXT = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
+_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _is_metric_name(name: str) -> bool:
+    return name in METRIC_COLUMNS or name.startswith(("bec", "asr_reactivated"))
+
+
+def _numbers(node: ast.AST) -> list[float]:
+    """The number literals a comparison operand is: 50, or the items of [50, 60] (for `in`)."""
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return [v for item in node.elts for v in _numbers(item)]
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return [float(node.value)]
+    return []
+
+
+def _check_metric_scale(where: str) -> None:
+    """Refuse `asr < 50`: metrics are fractions, so a percent literal would quietly select all or nothing."""
+    # pandas gives & and | the precedence of and/or; Python would parse `asr < 50 & x` as `asr < (50 & x)`.
+    # Backticks quote column names in pandas; Python does not know them.
+    parts = _QUOTED.split(where.strip())
+    text = "".join(p if i % 2 else re.sub(r"`(\w+)`", r"\1", p).replace("&", " and ").replace("|", " or ")
+                   for i, p in enumerate(parts))
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return  # not Python (backticks, @variables) or simply bad: pandas reports it
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        for left, op, right in zip(operands, node.ops, operands[1:]):
+            for name, other in ((left, right), (right, left)):
+                big = [v for v in _numbers(other) if v > 1]
+                if not (isinstance(name, ast.Name) and _is_metric_name(name.id) and big):
+                    continue
+                fraction = f"{big[0] / 100:g}"
+                if isinstance(other, ast.Constant) and type(op) in _COMPARE_TEXT:
+                    terms = [name.id, _COMPARE_TEXT[type(op)], fraction]
+                    fraction = " ".join(terms if name is left else terms[::-1])
+                raise ValueError(f"bad where expression {where!r}: metrics are fractions in 0..1, not "
+                                 f"percentages; use {fraction} for {big[0]:g}%")
+
+
 def _apply_where(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    _check_metric_scale(where)
     try:
         out = df.query(where)
     except Exception as exc:
@@ -534,6 +642,11 @@ def _apply_where(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if not isinstance(out, pd.DataFrame):
         raise ValueError(f"bad where expression {where!r}: it does not select rows")  # noqa: TRY004
     return out
+
+
+def select_rows(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The rows of `df` that a --where expression selects (ValueError, one line, when it is bad)."""
+    return _apply_where(df, where)
 
 
 def is_percent_column(name: str) -> bool:
@@ -550,7 +663,9 @@ def label_order(labels: Sequence[Any]) -> list[Any]:
         return labels
 
 
-def _pivot(df: pd.DataFrame, pivot: Sequence[str]) -> pd.DataFrame:
+def _pivot(df: pd.DataFrame, pivot: Sequence[str], agg: str = "mean") -> pd.DataFrame:
+    if agg not in PIVOT_AGGS:
+        raise ValueError(f"unknown pivot aggregation {agg!r}; choose one of {', '.join(PIVOT_AGGS)}")
     if len(pivot) != 3:
         raise ValueError(f"pivot must be (rows, cols, value), got {pivot!r}")
     rows, cols, value = pivot
@@ -563,12 +678,43 @@ def _pivot(df: pd.DataFrame, pivot: Sequence[str]) -> pd.DataFrame:
         raise ValueError(f"pivot: value column {value!r} is not numeric")
     if df.empty:
         return pd.DataFrame({rows: pd.Series([], dtype=object)})
-    table = df.pivot_table(index=rows, columns=cols, values=value, aggfunc="mean", dropna=False,
+    table = df.pivot_table(index=rows, columns=cols, values=value, aggfunc=agg, dropna=False,
                            observed=True, sort=False)
     table = table.reindex(index=label_order(table.index), columns=label_order(table.columns))
+    if agg == "count":  # whole numbers; "-" (null) only where no row at all falls into the cell
+        table = table.astype("Int64")
     table.columns = [str(c) for c in table.columns]
     table.index.name = rows
     return table.reset_index()
+
+
+def pivot_note(df: pd.DataFrame, pivot: Sequence[str], agg: str = "mean", where: str | None = None) -> str | None:
+    """One line naming what a pivot's cells aggregate over, or None when every cell holds at most one row.
+
+    Names the IDENTITY_COLUMNS (other than the pivot's rows and cols) that take several values within
+    some cell, with the most values one cell mixes, and rows that repeat another row's identity in
+    their cell (e.g. two sweeps or parameter sets in one folder). df is filtered by where first, as in
+    format_results, so the CLI can print the note of a csv/json pivot to stderr."""
+    if where is not None and where.strip():
+        df = _apply_where(df, where)
+    rows, cols, _ = pivot
+    if df.empty or rows not in df.columns or cols not in df.columns:
+        return None
+    groups = df.groupby([rows, cols], dropna=False, observed=True, sort=False)
+    most = int(groups.size().max())
+    if most <= 1:
+        return None
+    axes = [c for c in IDENTITY_COLUMNS if c in df.columns and c not in (rows, cols)]
+    spread = groups[axes].nunique(dropna=False).max() if axes else pd.Series(dtype="int64")
+    over = [f"{c} ({int(n)} values)" for c, n in spread.items() if n > 1]
+    what = f"each cell counts up to {most} rows" if agg == "count" else f"each cell is the {agg} of up to {most} rows"
+    parts = [f"{what} over {', '.join(over)}" if over else what]
+    repeated = int(df.duplicated(subset=[rows, cols, *axes], keep=False).sum())
+    if repeated:
+        parts.append(f"{repeated} rows repeat another row's identity ({'/'.join([rows, cols, *axes])}) in "
+                     "their cell, e.g. two sweeps or parameter sets in one folder")
+    parts.append(f"--agg picks {'|'.join(PIVOT_AGGS)}, --where narrows")
+    return "note: " + "; ".join(parts)
 
 
 def _cell_text(value: Any, percent: bool) -> str:
@@ -632,15 +778,18 @@ def _json_value(value: Any) -> Any:
 
 
 def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = None,
-                   pivot: tuple[str, str, str] | None = None, columns: list[str] | None = None) -> str:
+                   pivot: tuple[str, str, str] | None = None, columns: list[str] | None = None,
+                   agg: str = "mean") -> str:
     """Render a results DataFrame (as from load_results) as text.
 
     fmt: "table" (aligned plain text), "csv", "json" (a list of records) or "markdown".
-    where: a pandas DataFrame.query expression selecting rows (ValueError when it is bad).
-    pivot: (rows, cols, value), e.g. ("attack", "defense", "asr"): the mean of value per pair.
+    where: a pandas DataFrame.query expression selecting rows (ValueError when it is bad, or when it
+    compares a metric with a number above 1: metrics are fractions).
+    pivot: (rows, cols, value), e.g. ("attack", "defense", "asr"): agg (one of PIVOT_AGGS) of value per
+    pair. When a cell holds several rows, table/markdown end with pivot_note()'s line naming the axes.
     columns: the columns to show (default: DEFAULT_COLUMNS for table/markdown, all for csv/json).
-    Metrics (acc, asr, ra, der, rir) print as percentages with 2 decimals in table/markdown and as
-    raw fractions in csv/json. No trailing newline."""
+    Metrics (is_percent_column) print as percentages with 2 decimals in table/markdown, their headers
+    marked "%", and as raw fractions under their plain names in csv/json. No trailing newline."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if where is not None and where.strip():
@@ -649,9 +798,13 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
     if pivot is not None:
         if columns:
             raise ValueError("columns cannot be combined with pivot")
-        frame = _pivot(df, pivot)
-        percent = set(frame.columns[1:]) if is_percent_column(pivot[2]) else set()
-        headers = [f"{pivot[0]} \\ {pivot[1]}"] + [str(c) for c in frame.columns[1:]]
+        frame = _pivot(df, pivot, agg)
+        as_percent = is_percent_column(pivot[2]) and agg != "count"
+        percent = set(frame.columns[1:]) if as_percent else set()
+        # The value columns are labels (e.g. defenses), so the corner header names the value and its unit.
+        value = f"count of {pivot[2]}" if agg == "count" else f"{pivot[2]} %" if as_percent else str(pivot[2])
+        value = value if agg in ("mean", "count") else f"{agg} {value}"
+        headers = [f"{pivot[0]} \\ {pivot[1]} ({value})"] + [str(c) for c in frame.columns[1:]]
     else:
         if columns:
             unknown = [c for c in columns if c not in df.columns]
@@ -665,7 +818,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
             selected = list(df.columns)
         frame = df[selected]
         percent = {c for c in selected if is_percent_column(c)}
-        headers = [str(c) for c in selected]
+        headers = [f"{c} %" if c in percent else str(c) for c in selected]
     if fmt == "csv":
         return frame.to_csv(index=False, lineterminator="\n").rstrip("\n")
     if fmt == "json":
@@ -673,7 +826,10 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
                    for values in frame.itertuples(index=False, name=None)]
         return json.dumps(records, indent=2, allow_nan=False)
     grid = _text_grid(frame, percent, headers)
-    return _render_table(*grid) if fmt == "table" else _render_markdown(*grid)
+    text = _render_table(*grid) if fmt == "table" else _render_markdown(*grid)
+    note = pivot_note(df, pivot, agg) if pivot is not None else None
+    # A blank line ends a markdown table; without it the note would render as one more table row.
+    return text if note is None else text + ("\n" if fmt == "table" else "\n\n") + note
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,10 +859,13 @@ def status_summary(out_dir: str | os.PathLike, plan_total: int | None = None) ->
     df = load_results(out_dir, latest_only=True, analyses="rows")
     latest: dict[str, dict[str, Any]] = {r["cell_id"]: r for r in df.to_dict(orient="records")}
     rows_missing = 0
+    current = layout.current_cells()
     for marker in layout.markers():
         row = marker.get("row") if isinstance(marker, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("cell_id"), str):
             continue
+        if not is_current(row["cell_id"], row.get("code"), current):
+            continue  # a cell no grid run holds current (bdsweep prune moves it aside)
         current = latest.get(row["cell_id"])
         if current is None:
             rows_missing += 1
@@ -735,12 +894,15 @@ def status_summary(out_dir: str | os.PathLike, plan_total: int | None = None) ->
         if status == "failed":
             entry["error"] = _json_value(row.get("error"))
             entry["attempts"] = _json_value(row.get("attempts"))
+            marker = layout.marker(cell_id)  # holds the traceback: bdsweep status DIR --traceback CELL_ID
+            entry["marker"] = str(marker) if marker.is_file() else None
             failed.append(entry)
         elif status == "skipped":
             entry["reason"] = _skip_reason(row)
             skipped.append(entry)
     finished = sum(by_status.values())
     return {
+        "out_dir": str(out_dir),
         "plan_total": plan_total,
         "finished": finished,
         "pending": None if plan_total is None else max(0, int(plan_total) - finished),
@@ -764,6 +926,22 @@ def _describe_cell(entry: Mapping[str, Any]) -> str:
     return text
 
 
+def failure_lines(entries: Sequence[Mapping[str, Any]], limit: int | None = None, markers: bool = False) -> list[str]:
+    """One line per failed cell of status_summary()["failed"]: its id, what it is, its whole first
+    error line (and the attempts when it was retried); with `markers`, the marker holding its
+    traceback under it. Past `limit` cells, one "... and N more" line."""
+    lines = []
+    for entry in entries[:limit]:
+        attempts = entry.get("attempts")
+        suffix = f" [attempts {attempts}]" if attempts not in (None, 1) else ""
+        lines.append(f"  {_describe_cell(entry)}: {entry.get('error') or '(no error line)'}{suffix}")
+        if markers and entry.get("marker"):
+            lines.append(f"      marker: {entry['marker']}")
+    if limit is not None and len(entries) > limit:
+        lines.append(f"  ... and {len(entries) - limit} more")
+    return lines
+
+
 def format_status(summary: Mapping[str, Any]) -> str:
     """A few human-readable lines for a status_summary() dict."""
     counts = summary["by_status"]
@@ -777,10 +955,9 @@ def format_status(summary: Mapping[str, Any]) -> str:
         lines.append(f"  {stage + ':':9s}" + "  ".join(f"{status} {n}" for status, n in stage_counts.items()))
     if summary["failed"]:
         lines.append(f"failed ({len(summary['failed'])}):")
-        for entry in summary["failed"]:
-            attempts = entry.get("attempts")
-            suffix = f" [attempts {attempts}]" if attempts not in (None, 1) else ""
-            lines.append(f"  {_describe_cell(entry)}: {entry.get('error') or '(no error line)'}{suffix}")
+        lines += failure_lines(summary["failed"], markers=True)
+        if summary.get("out_dir"):
+            lines.append(f"  a failed cell's traceback: bdsweep status {summary['out_dir']} --traceback CELL_ID")
     if summary["skipped"]:
         lines.append(f"skipped ({len(summary['skipped'])}):")
         for entry in summary["skipped"]:

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 from ray.tune.search import Searcher
@@ -71,6 +71,10 @@ class RunOptions:
     executor: str = DEFAULT_EXECUTOR  # "module:function" running one cell (benchmarks swap in a no-op)
     executor_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the executor
     tracking_wait: float = 60.0  # seconds to wait for another process's lock on the MLflow store
+    resource_wait_warning: float = 60.0  # seconds a handed-out trial waits for resources before the progress line says so
+    keep_stale: bool = False  # keep finished cells whose code changed (default: recompute them)
+    rerun: str | None = None  # a --where expression: recompute the finished cells it selects
+    grid_text: str | None = None  # the grid file, recorded with the run (DIR/grids/)
 
 
 def cell_payload(cell, kind: str, attack_spec=None, defense=None, surrogates: list[str] | None = None) -> dict[str, Any]:
@@ -84,6 +88,7 @@ def cell_payload(cell, kind: str, attack_spec=None, defense=None, surrogates: li
         "attack_cell_id": cell.cell_id if kind == "attack" else cell.attack_cell_id,
         "retries": cell.retries,
         "resources": {"cpu": cell.resources.cpu, "gpu": cell.resources.gpu},
+        "code": cell.code,
     }
     if kind == "attack":
         payload.update(spec=cell.spec.model_dump(), requires=[])
@@ -98,19 +103,50 @@ def cell_payload(cell, kind: str, attack_spec=None, defense=None, surrogates: li
 
 
 class Progress:
-    """One status line: cells done / running / failed / skipped / total, and an ETA."""
+    """One status line: cells done / running / failed / skipped / total, an ETA, and the trials
+    handed to Ray that have waited more than `wait_warning` s for resources (what they ask, what
+    is free: `free` returns Ray's available resources), since Ray's own warning never shows."""
 
-    def __init__(self, total: int, already: int, enabled: bool):
+    def __init__(self, total: int, already: int, enabled: bool, wait_warning: float = 60.0,
+                 free: Callable[[], dict] | None = None):
         self.total, self.already, self.enabled = total, already, enabled
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.running = 0
         self.started = time.monotonic()
         self.last_print = 0.0
         self.tty = sys.stderr.isatty()
+        self.wait_warning, self.free = wait_warning, free
+        self.handed: dict[str, tuple[float, dict]] = {}  # trial id -> (handed out at, resources) until it starts
+        self.shown_waiting = 0
+        self.began = False
+
+    def handed_out(self, trial_id: str, resources: dict) -> None:
+        self.handed[trial_id] = (time.monotonic(), resources)
+        self.began = True
+
+    def trial_started(self, trial_id: str) -> None:
+        self.handed.pop(trial_id, None)
+
+    def waiting(self, now: float | None = None) -> list[dict]:
+        """The resource requests of the trials waiting longer than `wait_warning`, oldest first."""
+        now = time.monotonic() if now is None else now
+        return [res for since, res in self.handed.values() if now - since > self.wait_warning]
 
     def finished(self, status: str) -> None:
         self.counts[status] = self.counts.get(status, 0) + 1
+        self.began = True
         self.show()
+
+    def tick(self) -> None:
+        """Each step of Tune's loop: redraw at once when trials start or stop waiting (nothing else
+        would: no cell finishes while they wait), else as show() does, a terminal once a second."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if len(self.waiting(now)) != self.shown_waiting:
+            self.show(force=True)
+        elif now - self.last_print >= 1:
+            self.show()
 
     def show(self, force: bool = False) -> None:
         if not self.enabled:
@@ -123,13 +159,34 @@ class Progress:
         finished = self.already + new
         remaining = self.total - finished
         eta = "-" if not new else _duration((now - self.started) / new * remaining)
+        waiting = self.waiting(now)
+        self.shown_waiting = len(waiting)
         line = (f"[bdsweep] {finished}/{self.total} cells finished ({self.counts['done']} done now, "
-                f"{self.counts['failed']} failed, {self.counts['skipped']} skipped), {self.running} running, "
+                f"{self.counts['failed']} failed, {self.counts['skipped']} skipped), "
+                f"{max(0, self.running - len(waiting))} running, "
+                f"{self.waiting_text(waiting) + ', ' if waiting else ''}"
                 f"elapsed {_duration(now - self.started)}, ETA {eta}")
         print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
+    def waiting_text(self, waiting: list[dict]) -> str:
+        """"2 waiting for resources (gpu 0.5 asked; free: cpu 2, gpu 0)": the asked amounts that
+        exceed what is free (all nonzero ones when none does: the free share is on another node)."""
+        try:
+            raw = self.free() if self.free else None
+        except Exception:  # the progress line never stops a sweep
+            raw = None
+        free = None if raw is None else {"cpu": float(raw.get("CPU", 0)), "gpu": float(raw.get("GPU", 0))}
+        asked = []
+        for request in waiting:
+            short = [k for k in ("cpu", "gpu") if free is not None and float(request[k]) > free[k]]
+            text = ", ".join(f"{k} {float(request[k]):g}" for k in (short or [k for k in ("cpu", "gpu") if request[k]]))
+            if text not in asked:
+                asked.append(text)
+        free_text = "unknown" if free is None else ", ".join(f"{k} {v:g}" for k, v in free.items())
+        return f"{len(waiting)} waiting for resources ({' / '.join(asked)} asked; free: {free_text})"
+
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.began:  # a run refused before any trial has no progress to report
             self.show(force=True)
             if self.tty:
                 print(file=sys.stderr)
@@ -238,6 +295,7 @@ class CellSearcher(Searcher):
             cell = self.ready.popleft()
             self.in_flight[trial_id] = cell
             self.books.progress.running = len(self.in_flight)
+            self.books.progress.handed_out(trial_id, cell["resources"])  # waits for resources until it starts
             return {"cell": cell, **self.common}
         if self.ready or self.in_flight:
             return None  # nothing to hand out until a running cell finishes
@@ -246,6 +304,7 @@ class CellSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         cell = self.in_flight.pop(trial_id, None)
         self.books.progress.running = len(self.in_flight)
+        self.books.progress.trial_started(trial_id)  # no longer waiting, whether it ever started or not
         if cell is None:
             return
         layout = self.books.layout
@@ -254,7 +313,9 @@ class CellSearcher(Searcher):
             from sweep.execute import base_row, now_iso
 
             row = base_row(cell, self.common["sweep"])
-            row.update(status="failed", error="the worker running this cell died (see Ray logs)", finished_at=now_iso())
+            row.update(status="failed", finished_at=now_iso(),
+                       error=f"the worker running this cell died (Ray trial {trial_id}; its logs: worker-*.err/.out "
+                             f"in {ray_logs_dir()} on the node that ran it)")
             marker = {"row": row, "history": [], "traceback": None}
             layout.write_marker(cell["cell_id"], marker)
         self.books.record(marker)
@@ -312,7 +373,7 @@ def reconcile(layout: SweepLayout, tracker, markers: dict[str, dict]) -> int:
     marker and its own bookkeeping left them out). Returns how many were repaired."""
     from sweep.results import load_results, write_row
 
-    existing = load_results(layout.root, analyses="rows")
+    existing = load_results(layout.root, analyses="rows", scope="all")
     have_rows = set(existing["cell_id"]) if len(existing) else set()
     statuses = dict(zip(existing["cell_id"], existing["status"])) if len(existing) else {}
     repaired = 0
@@ -374,6 +435,49 @@ def _artifact_problem(path: Path, deep: bool) -> str | None:
     return None
 
 
+class ResourceError(Exception):
+    """A stage's trials ask for more than any node of the cluster has: they would wait forever."""
+
+
+def check_resources(payloads: list[dict], nodes: list[dict]) -> None:
+    """Refuse, before any trial starts, a stage whose per-trial request (cpu, gpu) no single alive
+    node can meet (`nodes`: ray.nodes()). Ray would keep such a trial pending without end, and its
+    "insufficient resources" warning never reaches the user."""
+    have = [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+            for n in nodes if n.get("Alive")]
+    if not have:
+        raise ResourceError("the Ray cluster has no alive node to run trials on")
+    asked = dict.fromkeys((p["kind"], float(p["resources"]["cpu"]), float(p["resources"]["gpu"])) for p in payloads)
+    for stage, cpu, gpu in asked:
+        if any(cpu <= node_cpu and gpu <= node_gpu for node_cpu, node_gpu in have):
+            continue
+        shapes: dict[tuple[float, float], int] = {}
+        for shape in have:
+            shapes[shape] = shapes.get(shape, 0) + 1
+        nodes_text = ", ".join(f"{n} x {{cpu: {c:g}, gpu: {g:g}}}" for (c, g), n in shapes.items()) or "none alive"
+        # Suggest what would fit the node closest to the request (the most GPUs if it asks for one).
+        best = max(have, key=lambda s: (s[1], s[0]) if gpu else (s[0], s[1]), default=(0.0, 0.0))
+        fixes = [f"{stage}.{key}={limit:g}" for key, want, limit in (("cpu", cpu, best[0]), ("gpu", gpu, best[1]))
+                 if want > limit]
+        raise ResourceError(f"resources.{stage}: a trial asks for {{cpu: {cpu:g}, gpu: {gpu:g}}} but no node has "
+                            f"that (nodes: {nodes_text}); lower it in the grid or override with "
+                            f"--resources {' --resources '.join(fixes)}")
+
+
+def ray_logs_dir() -> str:
+    """Ray's log folder of this session (worker-*.err/.out per worker process) as the driver's node
+    lays it out; a worker on another node writes to the same path there."""
+    import ray
+
+    try:
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            return str(Path(context.get_temp_dir()) / context.get_session_name() / "logs")
+    except Exception:  # a Ray without these calls, or a client connection that lacks them
+        pass
+    return "/tmp/ray/session_latest/logs"
+
+
 def _init_ray(address: str | None) -> bool:
     """Connect to (or start) Ray; returns True when this call started it (and should stop it)."""
     import ray
@@ -404,6 +508,9 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     payloads = plan_payloads(plan)
     for cell_id in _lost_artifacts(layout, markers, payloads, options.retry_failed):
         del markers[cell_id]  # set aside: the cell runs again
+    layout.write_code_records(plan.code_records)
+    accepted = _recompute_changed(layout, plan, markers, payloads, options)
+    layout.record_grid_run(plan.name, accepted, options.grid_text)
     reconcile(layout, tracker, markers)
     final = {cid: m["row"]["status"] for cid, m in markers.items() if _is_final(m, options.retry_failed)}
 
@@ -429,7 +536,8 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     failpoints.failpoint("planning")
 
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - len(todo))
-    progress = Progress(plan.total_cells, outcome.already_finished, options.progress)
+    progress = Progress(plan.total_cells, outcome.already_finished, options.progress,
+                        wait_warning=options.resource_wait_warning, free=_free_resources)
     books = Bookkeeper(layout, tracker, progress)
     if not todo:
         books.close()
@@ -439,6 +547,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
         try:
             import ray
 
+            check_resources(todo, ray.nodes())  # before any trial: an unmeetable request would hang
             capacity = int(ray.cluster_resources().get("CPU", 1))
             max_concurrent = options.max_concurrent or max(1, capacity)
             os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max_concurrent)
@@ -462,6 +571,46 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             status = m["row"]["status"]
             outcome.statuses[status] = outcome.statuses.get(status, 0) + 1
     return outcome
+
+
+def _recompute_changed(layout: SweepLayout, plan, markers: dict[str, dict], payloads: list[dict],
+                       options: RunOptions) -> dict[str, str | None]:
+    """Set aside the finished cells whose code changed (unless keep_stale) and those --rerun selects,
+    with every cell that depends on them; they run again. Returns cell id -> the code fingerprint
+    each cell of the plan is current with (a kept stale cell: its old one)."""
+    from sweep.freshness import changed_files, planned_codes, select_finished, stale_cells, supersede, with_dependents
+
+    planned = planned_codes(plan)
+    stale = stale_cells(planned, markers)
+    reasons: dict[str, str] = {}
+    if stale and not options.keep_stale:
+        files = ", ".join(changed_files(layout, plan, stale))
+        reasons.update((cid, f"code changed ({files})") for cid in stale)
+    if options.rerun:
+        reasons.update((cid, f"--rerun {options.rerun!r}") for cid in select_finished(markers, planned, options.rerun))
+    if reasons:
+        chosen = set(reasons)
+        redo = with_dependents(payloads, chosen) & set(markers)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for cell_id in redo:
+            supersede(layout, markers.pop(cell_id), reasons.get(cell_id, "a cell it depends on is recomputed"), stamp)
+        print(f"bdsweep: recomputing {len(redo)} finished cell(s): {_count_reasons(reasons, stale, options)}"
+              + (f", and {len(redo - chosen)} that depend on them" if redo - chosen else "")
+              + f" (old markers in {layout.cells / 'invalidated'}, old artifacts in {layout.root / 'superseded'})",
+              file=sys.stderr)
+    elif stale:
+        print(f"bdsweep: warning: keeping {len(stale)} finished cell(s) whose code changed (--keep-stale): "
+              f"{', '.join(changed_files(layout, plan, stale))}", file=sys.stderr)
+    kept = {cid: markers[cid]["row"].get("code") for cid in stale if cid in markers}
+    return {cid: kept.get(cid, code) for cid, code in planned.items()}
+
+
+def _count_reasons(reasons: dict[str, str], stale: dict, options: RunOptions) -> str:
+    code = sum(1 for cid in reasons if cid in stale and not options.keep_stale)
+    parts = [f"{code} whose code changed"] if code else []
+    if len(reasons) > code:
+        parts.append(f"{len(reasons) - code} selected by --rerun")
+    return " and ".join(parts)
 
 
 def plan_payloads(plan) -> list[dict]:
@@ -512,6 +661,30 @@ def _shard(payloads: list[dict], waiting: dict[str, list[dict]], pending: dict[s
     return ready, shard_waiting, shard_pending, len(payloads)
 
 
+def _free_resources() -> dict:
+    import ray
+
+    return ray.available_resources()
+
+
+class _ProgressCallback(tune.Callback):
+    """Tells the progress line when a handed-out trial got its resources and started, and redraws
+    it on each step of Tune's loop (while trials wait, no finishing cell would)."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    # Tune pickles its run config into the experiment folder; the driver-side progress stays out.
+    def __getstate__(self) -> dict:
+        return {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.progress.trial_started(trial.trial_id)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self.progress.tick()
+
+
 def _trial_name(trial) -> str:
     cell = trial.config["cell"]
     return f"{cell['kind']}-{cell['cell_id']}-{trial.trial_id}"
@@ -545,6 +718,7 @@ def _run_shard(name: str, ready: list[dict], waiting: dict[str, list[dict]], pen
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),  # a crashed worker process is retried once
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_ProgressCallback(books.progress)],
         ),
     )
     tuner.fit()

@@ -114,6 +114,31 @@ def write_truncated_weights(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def clip_grid(**train: Any) -> dict:
+    """A CLIP grid (clip:tiny needs no weights file) with some CLIP training settings."""
+    return grid(models=["clip:tiny"], attacks=["badnet_clip"], defenses=["ft_clip"], train={"epochs": 1, **train})
+
+
+def write_caption_table(tmp: Path, header: str = "image,caption") -> None:
+    """{tmp}/pairs.csv, a real two-row CSV with `header`, and the images it names in {tmp}/images."""
+    (tmp / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(RNG.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(tmp / "images" / f"{i}.png")
+    (tmp / "pairs.csv").write_text(f"{header}\n0.png,a photo of a 0.\n1.png,a photo of a 1.\n")
+
+
+def use_empty_default_clip_weights_folder(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$BDCORE_WEIGHTS_ROOT/clip/RN50 exists and holds no weights file: a default folder that is there."""
+    (tmp / "weights" / "clip" / "RN50").mkdir(parents=True)
+    (tmp / "weights" / "clip" / "RN50" / "README.txt").write_text("put the weights here")
+    monkeypatch.setenv("BDCORE_WEIGHTS_ROOT", str(tmp / "weights"))
+
+
+def write_plain_folder(tmp: Path) -> None:
+    (tmp / "plain").mkdir()
+    (tmp / "plain" / "notes.txt").write_text("not a sweep")
+
+
 # -- the battery ----------------------------------------------------------------------------
 
 class Case(NamedTuple):
@@ -233,6 +258,12 @@ CASES = [
     Case("default-dataset-folder-malformed", grid(datasets=["cifar10"]), PLAN_AND_RUN,
          "grid.yaml: datasets[0]: cifar10: dataset not found or malformed at "
          "'{tmp}/data/cifar-10-batches-py/data_batch_1'", lambda tmp, mp: use_empty_default_cifar_folder(tmp, mp)),
+    Case("dataset-root-above-a-renamed-cifar-folder", grid(datasets=[{"name": "cifar10", "root": "{tmp}/dl"}]),
+         PLAN_AND_RUN, "grid.yaml: datasets[0].root: cifar10: dataset not found or malformed at '{tmp}/dl/data_batch_1' "
+         "(did you mean '{tmp}/dl/c10'?)", lambda tmp, mp: write_cifar10(tmp / "dl" / "c10")),
+    Case("dataset-root-above-a-renamed-gtsrb-folder", grid(datasets=[{"name": "gtsrb", "root": "{tmp}"}]),
+         PLAN_AND_RUN, "grid.yaml: datasets[0].root: gtsrb: dataset not found or malformed at '{tmp}' (did you mean "
+         "'{tmp}/signs'?)", lambda tmp, mp: write_gtsrb_without_test(tmp / "signs")),
     # weights files
     Case("weights-of-another-architecture",
          grid(models=[{"name": "preactresnet18", "pretrained": "{tmp}/small.safetensors"}]),
@@ -252,6 +283,27 @@ CASES = [
          grid(include=[{"dataset": "digits", "model": {"name": "smallcnn", "pretrained": "{tmp}/w.pt"},
                         "attack": "badnet", "ratio": 0.05}]),
          PLAN_AND_RUN, "grid.yaml: include[0].model.pretrained: weights file '{tmp}/w.pt' does not exist"),
+    Case("clip-default-weights-folder-empty", grid(models=["clip:RN50"], attacks=["badnet_clip"],
+                                                   defenses=["ft_clip"]), PLAN_AND_RUN,
+         "grid.yaml: models[0]: no weights for clip:RN50: put the open_clip weights file",
+         lambda tmp, mp: use_empty_default_clip_weights_folder(tmp, mp)),
+    # CLIP caption tables
+    Case("clip-caption-table-missing", clip_grid(captions="{tmp}/none.csv"), PLAN_AND_RUN,
+         "grid.yaml: train.captions: caption table '{tmp}/none.csv' does not exist; expected a CSV or Parquet file "
+         "(.csv, .tsv or .parquet) with an image path column (image/filepath/image_path/path) and a caption column"),
+    Case("clip-caption-table-without-caption-column", clip_grid(captions="{tmp}/pairs.csv"), PLAN_AND_RUN,
+         "grid.yaml: train.captions: caption table '{tmp}/pairs.csv' has columns ['image', 'label']; it needs one "
+         "of ['image', 'filepath', 'image_path', 'path'] and one of ['caption', 'title', 'text']",
+         lambda tmp, mp: write_caption_table(tmp, header="image,label")),
+    Case("clip-caption-table-not-parquet", clip_grid(captions="{tmp}/pairs.parquet"), PLAN_AND_RUN,
+         "grid.yaml: train.captions: cannot read caption table '{tmp}/pairs.parquet' as PARQUET: ",
+         lambda tmp, mp: (tmp / "pairs.parquet").write_bytes(b"image,caption\n0.png,a cat\n")),
+    Case("clip-image-root-missing", clip_grid(captions="{tmp}/pairs.csv", image_root="{tmp}/no-images"),
+         PLAN_AND_RUN, "grid.yaml: train.image_root: image folder '{tmp}/no-images' does not exist; `image_root` is "
+         "the existing folder the caption table's image paths are relative to", lambda tmp, mp: write_caption_table(tmp)),
+    Case("clip-override-caption-table-missing",
+         {**clip_grid(), "overrides": [{"match": {"attack": "badnet_clip"}, "train": {"captions": "{tmp}/o.tsv"}}]},
+         PLAN_AND_RUN, "grid.yaml: overrides[0].train.captions: caption table '{tmp}/o.tsv' does not exist"),
     # other flags and commands
     Case("max-concurrent-0", grid(), ["run", "{grid}", "--out", "{out}", "--max-concurrent", "0"],
          "--max-concurrent must be >= 1, got 0"),
@@ -276,6 +328,14 @@ CASES = [
          "{tmp}/no-sweep: no such output folder"),
     Case("report-folder-missing", None, ["report", "{tmp}/no-sweep"], "{tmp}/no-sweep: no such output folder"),
     Case("status-folder-missing", None, ["status", "{tmp}/no-sweep"], "{tmp}/no-sweep: no such output folder"),
+    # a folder that is there but is no sweep's output: a plain one, or the parent of the sweep ({tmp} holds out/)
+    *[Case(f"{argv[0]}-{kind}-folder", None, [argv[0], folder, *argv[1:]], expected, setup)
+      for argv in (["results"], ["status"], ["query", "SELECT 1"], ["report"])
+      for kind, folder, expected, setup in (
+          ("plain", "{tmp}/plain", "{tmp}/plain: not a sweep output folder (no sweep.json, cells/ or results/ in "
+           "it); give the folder `bdsweep run --out` wrote", lambda tmp, mp: write_plain_folder(tmp)),
+          ("parent", "{tmp}", "{tmp}: not a sweep output folder (no sweep.json, cells/ or results/ in it); sweep "
+           "folders under it: {tmp}/out", None))],
 ]
 
 
@@ -394,3 +454,51 @@ def test_the_tiny_loader_refuses_an_image_of_another_size_past_the_first(tmp_pat
     Image.fromarray(np.zeros((48, 48, 3), dtype=np.uint8)).save(odd)
     with pytest.raises(DatasetError, match=r"n02000000_1\.JPEG: image is 48x48 pixels; every tiny image is 64x64"):
         load_dataset("tiny", root=tmp_path)
+
+
+def test_a_caption_table_and_its_image_folder_pass_the_plan_check(tmp_path, capsys):
+    write_caption_table(tmp_path)
+    grid_path = tmp_path / "grid.yaml"
+    grid_path.write_text(yaml.safe_dump(clip_grid(captions=str(tmp_path / "pairs.csv"),
+                                                  image_root=str(tmp_path / "images"))))
+    assert main(["plan", str(grid_path), "--out", str(tmp_path / "out")]) == 0
+    assert "2 cells" in capsys.readouterr().out
+
+
+def test_a_cifar_root_may_be_the_folder_holding_cifar_10_batches_py(tmp_path, capsys):
+    """Both spellings of `root` read the same files and give the same cell ids."""
+    from sweep.grid import dataset_fingerprint, expand, parse_grid
+
+    write_cifar10(tmp_path / "cifar-10-batches-py")
+    assert len(load_dataset("cifar10", root=tmp_path).train) == 10
+    grids = {root: grid(datasets=[{"name": "cifar10", "root": str(root)}])
+             for root in (tmp_path, tmp_path / "cifar-10-batches-py")}
+    for root, content in grids.items():
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(content))
+        assert main(["plan", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "out")]) == 0, root
+        assert "2 cells" in capsys.readouterr().out
+    assert dataset_fingerprint("cifar10", tmp_path) == dataset_fingerprint("cifar10", tmp_path / "cifar-10-batches-py")
+    ids = [[c.cell_id for c in expand(parse_grid(yaml.safe_dump(g))).attacks] for g in grids.values()]
+    assert ids[0] == ids[1]
+
+
+def test_results_piped_into_head_end_quietly(tmp_path, finished_sweep):
+    """`bdsweep results DIR --format csv | head -1`: no BrokenPipeError traceback, exit code 141
+    (128 + SIGPIPE, what the shell reports for `cat` in the same pipe)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "many"
+    for i in range(300):  # some 100 KB of CSV: more than a pipe holds, so writing blocks until the reader left
+        write_row(out, make_row(f"c{i:03d}", artifact="/runs/attacks/" + "x" * 300))
+    compact(out)
+    repo = Path(__file__).resolve().parent.parent
+    for folder, lines_read in ((out, 1), (finished_sweep, 0)):  # 0: the reader is gone before anything is written
+        proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "results", str(folder), "--format", "csv"],
+                                cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = [proc.stdout.readline() for _ in range(lines_read)]
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, stderr
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr
+        assert all(line.startswith(b"cell_id,") for line in first)

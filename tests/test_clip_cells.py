@@ -178,14 +178,27 @@ def test_a_sweep_runs_clip_and_classifier_cells_side_by_side(tmp_path, ray_addre
     assert rows.loc[("clip:tiny", "none"), "acc"] > 0.7  # zero-shot, fine-tuned from the clean tiny CLIP
 
 
-def test_the_badclip_grid_lists_every_clip_method():
+def test_the_badclip_grid_lists_every_clip_method(tmp_path, monkeypatch):
+    """The shipped grid plans once its pinned caption table is here (elsewhere it is refused: an explicit
+    path must exist); the RN50 weights and CIFAR-10 on their default folders may be absent (warnings)."""
     from pathlib import Path
 
     from bdcore.clip.attacks import clip_attack_names
     from bdcore.clip.defenses import clip_defense_names
-    from sweep.grid import expand, load_grid
+    from sweep.grid import GridError, expand, load_grid, parse_grid
 
-    plan = expand(load_grid(Path(__file__).resolve().parent.parent / "grids" / "clip.yaml"))
+    monkeypatch.setenv("BDCORE_WEIGHTS_ROOT", str(tmp_path / "weights"))
+    monkeypatch.setenv("BDCORE_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.delenv("BDCORE_CIFAR10_ROOT", raising=False)
+    shipped = Path(__file__).resolve().parent.parent / "grids" / "clip.yaml"
+    if not Path("/data/cc3m/train_500k.csv").is_file():
+        with pytest.raises(GridError, match=r"train\.captions: caption table '/data/cc3m/train_500k.csv' does not"):
+            expand(load_grid(shipped))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "pairs.csv").write_text("image,caption\n0.png,a photo of a cat.\n")
+    text = shipped.read_text().replace("/data/cc3m/train_500k.csv", str(tmp_path / "pairs.csv"))
+    plan = expand(parse_grid(text.replace("/data/cc3m/images", str(tmp_path / "images")), "clip.yaml"))
+    assert any("'clip:RN50': no weights folder at" in w for w in plan.warnings), plan.warnings
     assert {c.spec.attack for c in plan.attacks} == set(clip_attack_names())
     assert {d.spec.defense for d in plan.defenses} == set(clip_defense_names())
     assert {c.spec.model for c in plan.attacks} == {"clip:RN50"} and {c.spec.ratio for c in plan.attacks} == {0.003}

@@ -159,6 +159,32 @@ def test_cifar_env_var_routes(tmp_path, monkeypatch):
     assert len(load_dataset("cifar10").test) == 4
 
 
+def test_a_cifar_root_may_be_the_folder_holding_the_batches_folder(tmp_path, monkeypatch):
+    """root / $BDCORE_CIFAR10_ROOT: the batches folder or its parent (where the archive was unpacked)."""
+    from bdcore.data import check_dataset_folder, dataset_root
+
+    folder = tmp_path / "cifar-10-batches-py"
+    written, _ = make_cifar10(folder)
+    by_parent = load_dataset("cifar10", root=tmp_path)
+    assert torch.equal(by_parent.train.images, load_dataset("cifar10", root=folder).train.images)
+    assert dataset_root("cifar10", tmp_path) == folder == check_dataset_folder("cifar10", tmp_path)
+    monkeypatch.setenv("BDCORE_CIFAR10_ROOT", str(tmp_path))
+    assert len(load_dataset("cifar10").train) == 15
+    monkeypatch.delenv("BDCORE_CIFAR10_ROOT")
+    monkeypatch.chdir(tmp_path)  # a relative root; the folder it names is absolute
+    assert dataset_root("cifar10", ".") == folder
+    (tmp_path / "c100" / "cifar-100-python").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=f"malformed at '{tmp_path}/c100/cifar-100-python/train'"):
+        load_dataset("cifar100", root="c100")  # the inner folder, named absolutely
+
+
+def test_a_root_one_level_above_a_renamed_dataset_folder_says_which_folder(tmp_path):
+    make_cifar10(tmp_path / "downloads" / "cifar10")
+    with pytest.raises(DatasetError, match=rf"'{tmp_path}/downloads/data_batch_1' \(did you mean "
+                                           rf"'{tmp_path}/downloads/cifar10'\?\)"):
+        load_dataset("cifar10", root=tmp_path / "downloads")
+
+
 # ----------------------------------------------------------------------------------------- GTSRB
 
 GT_HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
@@ -192,6 +218,12 @@ def make_gtsrb(root, sizes=((32, 32), (40, 36))):
         rows.append((name, 32, 32, cls))
     write_gtsrb_csv(test / "GT-final_test.csv", rows)
     return written
+
+
+def test_gtsrb_root_may_be_the_folder_holding_gtsrb(tmp_path):
+    make_gtsrb(tmp_path / "gtsrb")
+    assert torch.equal(load_dataset("gtsrb", root=tmp_path).test.images,
+                       load_dataset("gtsrb", root=tmp_path / "gtsrb").test.images)
 
 
 def test_gtsrb_loads_official_layout_and_resizes(tmp_path):

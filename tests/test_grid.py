@@ -199,6 +199,18 @@ def test_ids_change_with_the_dataset_files(tmp_path, monkeypatch):
     assert dataset_fingerprint("digits") == dataset_fingerprint("digits", "/anywhere")
 
 
+def test_a_dataset_folder_and_its_parent_give_one_fingerprint_and_the_same_ids(tmp_path, monkeypatch):
+    """`root` may name CIFAR's batches folder or the folder holding it: one dataset, so one set of cell ids
+    (and the same for $BDCORE_CIFAR10_ROOT)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(folder)
+    assert dataset_fingerprint("cifar10", tmp_path) == dataset_fingerprint("cifar10", folder) != "absent"
+    by_folder = ids(plan_of(base(datasets=[{"name": "cifar10", "root": str(folder)}])))
+    assert ids(plan_of(base(datasets=[{"name": "cifar10", "root": str(tmp_path)}]))) == by_folder
+    monkeypatch.setenv("BDCORE_CIFAR10_ROOT", str(tmp_path))
+    assert ids(plan_of(base(datasets=["cifar10"]))) == by_folder
+
+
 def test_identical_cells_appear_once():
     plan = plan_of(base(
         attacks=["badnet", "badnet", {"name": "blended", "params": {"alpha": 0.2}}, "blended"],  # 0.2 is the default

@@ -312,14 +312,15 @@ def test_format_table_and_markdown(grid_df):
     df, _ = grid_df
     table = R.format_results(df)
     lines = table.splitlines()
-    assert lines[0].split() == R.DEFAULT_COLUMNS
+    assert re.split(r"\s{2,}", lines[0].strip()) == [f"{c} %" if c in R.METRIC_COLUMNS else c
+                                                     for c in R.DEFAULT_COLUMNS]
     assert set(lines[1]) == {"-", " "} and len(lines) == 2 + len(df)
     assert "90.00" in table and "91.00" in table  # asr as percent
     assert "cell_id" not in table
 
     md = R.format_results(df, "markdown", columns=["attack", "defense", "asr"])
     lines = md.splitlines()
-    assert lines[0] == "| attack | defense | asr |"
+    assert lines[0] == "| attack | defense | asr % |"
     assert re.fullmatch(r"\|( :?-{3,}:? \|)+", lines[1])
     assert len(lines) == 2 + len(df)
     assert "| badnet | none | 90.00 |" in md
@@ -349,7 +350,7 @@ def test_pivot_gives_mean_matrix(grid_df):
         assert matrix.loc[attack, defense] == pytest.approx(asr + 0.005)  # mean over the two seeds
 
     table = R.format_results(df, pivot=("attack", "defense", "asr"))
-    assert table.splitlines()[0].split() == ["attack", "\\", "defense", "none", "anp", "ft"]
+    assert table.splitlines()[0].split() == ["attack", "\\", "defense", "(asr", "%)", "none", "anp", "ft"]
     assert "90.50" in table
     md = R.format_results(df, "markdown", pivot=("attack", "defense", "der"))
     assert "| badnet | - | 50.00 | 50.00 |" in md
@@ -365,7 +366,7 @@ def test_where_filter_and_bad_where(grid_df):
     df, _ = grid_df
     records = json.loads(R.format_results(df, "json", where="attack == 'blended' and defense != 'none'"))
     assert len(records) == 4 and {r["attack"] for r in records} == {"blended"}
-    assert R.format_results(df, where="asr > 5").splitlines()[-1] == "(no rows)"
+    assert R.format_results(df, where="asr > 0.99").splitlines()[-1] == "(no rows)"
     for bad in ("asr >>> 1", "no_such_column > 1", "attack == "):
         with pytest.raises(ValueError, match="bad where expression"):
             R.format_results(df, where=bad)
@@ -373,6 +374,140 @@ def test_where_filter_and_bad_where(grid_df):
         R.format_results(df, "html")
     with pytest.raises(ValueError, match="unknown column"):
         R.format_results(df, columns=["attack", "nope"])
+
+
+def test_text_headers_say_percent_and_csv_json_keep_fractions(grid_df):
+    df, _ = grid_df
+    df = df.assign(asr_reactivated_wb=0.5)
+    columns = ["attack", "seed", "acc", "asr", "der", "asr_reactivated_wb"]
+    md = R.format_results(df, "markdown", columns=columns)
+    assert md.splitlines()[0] == "| attack | seed | acc % | asr % | der % | asr_reactivated_wb % |"
+    table = R.format_results(df, columns=columns).splitlines()
+    assert re.split(r"\s{2,}", table[0].strip()) == ["attack", "seed", "acc %", "asr %", "der %",
+                                                     "asr_reactivated_wb %"]
+    assert "95.00" in table[2] and "50.00" in table[2]
+    assert "asr %" in R.format_results(df).splitlines()[0]  # the default columns too
+    assert "(asr %)" in R.format_results(df, pivot=("attack", "defense", "asr")).splitlines()[0]
+    assert "(asr %)" in R.format_results(df, "markdown", pivot=("attack", "defense", "asr")).splitlines()[0]
+    assert "(wall_s)" in R.format_results(df, pivot=("attack", "defense", "wall_s")).splitlines()[0]
+
+    csv = R.format_results(df, "csv", columns=columns)
+    assert csv.splitlines()[0] == "attack,seed,acc,asr,der,asr_reactivated_wb" and "%" not in csv
+    back = pd.read_csv(io.StringIO(csv))
+    assert back["acc"].tolist() == pytest.approx([0.95] * len(df)) and back["asr"].max() < 1
+    records = json.loads(R.format_results(df, "json", columns=columns))
+    assert set(records[0]) == set(columns) and records[0]["asr_reactivated_wb"] == 0.5
+    pivot_csv = R.format_results(df, "csv", pivot=("attack", "defense", "asr"))
+    assert pivot_csv.splitlines()[0] == "attack,none,anp,ft" and "%" not in pivot_csv
+
+
+def test_where_comparing_a_metric_with_a_percent_is_refused(grid_df):
+    df, _ = grid_df
+    refused = {"asr < 50": "use asr < 0.5 for 50%", "50 > asr": "use 0.5 > asr for 50%",
+               "acc >= 90.5": "use acc >= 0.905 for 90.5%", "0 < der < 50": "use der < 0.5",
+               "seed == 1 & asr > 50": "use asr > 0.5", "attack == 'badnet' and (ra < 10 or seed == 1)": "ra < 0.1",
+               "asr in [50, 60]": "use 0.5 for 50%", "bec > 20": "bec > 0.2",
+               "asr_reactivated_wb >= 10 | seed == 0": "asr_reactivated_wb >= 0.1", "`rir` > 5": "rir > 0.05"}
+    for where, hint in refused.items():
+        with pytest.raises(ValueError, match="metrics are fractions in 0..1") as info:
+            R.format_results(df, where=where)
+        assert hint in str(info.value) and "\n" not in str(info.value), where
+    counts = {"ratio >= 0.05": 12, "seed == 1": 6, "target == 7": 0, "attack == 'badnet'": 6, "asr < 0.5": 8,
+              "asr > 1": 0, "attack == 'asr < 50'": 0, "wall_s > 10 and seed < 5": 12}
+    for where, n in counts.items():
+        assert len(json.loads(R.format_results(df, "json", where=where))) == n, where
+
+
+def _sweep_folder(tmp_path: Path, rows: list[dict]) -> Path:
+    out = tmp_path / "out"
+    for row in rows:
+        R.write_row(out, row)
+    R.compact(out)
+    (out / "sweep.json").write_text('{"name": "t"}')
+    return out
+
+
+def test_cli_where_with_a_percent_exits_2_with_one_line(tmp_path, capsys):
+    from sweep.cli import main
+
+    out = _sweep_folder(tmp_path, [make_row("a"), make_row("b", seed=1, asr=0.3)])
+    assert main(["results", str(out), "--where", "asr < 50"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("bdsweep: error: bad where expression 'asr < 50': metrics are fractions in 0..1")
+    assert "use asr < 0.5 for 50%" in line
+    for where, n in (("ratio >= 0.05", 2), ("asr < 0.5", 1)):
+        assert main(["results", str(out), "--where", where, "--format", "json"]) == 0, where
+        assert len(json.loads(capsys.readouterr().out)) == n, where
+
+
+@pytest.fixture
+def ratio_seed_rows():
+    """badnet/blended x none/ft, 2 ratios x 2 seeds each: asr = base + ratio + seed / 100."""
+    rows = []
+    for attack, base in (("badnet", 0.5), ("blended", 0.3)):
+        for defense in ("none", "ft"):
+            for ratio in (0.05, 0.1):
+                for seed in (0, 1):
+                    rows.append(make_row(f"{attack}-{defense}-{ratio}-{seed}", attack=attack, defense=defense,
+                                         ratio=ratio, seed=seed, asr=base + ratio + seed / 100))
+    return rows
+
+
+def test_pivot_over_several_rows_names_the_axes(tmp_path, ratio_seed_rows):
+    for row in ratio_seed_rows:
+        R.write_row(tmp_path, row)
+    df = R.load_results(tmp_path)
+    pivot = ("attack", "defense", "asr")
+    note = R.pivot_note(df, pivot)
+    assert note.startswith("note: each cell is the mean of up to 4 rows over ratio (2 values), seed (2 values);")
+    assert "--agg" in note and "repeat" not in note
+    assert R.format_results(df, pivot=pivot).splitlines()[-1] == note
+    assert R.format_results(df, "markdown", pivot=pivot).splitlines()[-1] == note
+    csv = R.format_results(df, "csv", pivot=pivot)
+    assert "note" not in csv
+    assert pd.read_csv(io.StringIO(csv), index_col="attack").loc["badnet", "none"] == pytest.approx(0.58)
+
+    most = pd.read_csv(io.StringIO(R.format_results(df, "csv", pivot=pivot, agg="max")), index_col="attack")
+    assert most.loc["badnet", "ft"] == pytest.approx(0.61) and most.loc["blended", "none"] == pytest.approx(0.41)
+    table = R.format_results(df, pivot=pivot, agg="max").splitlines()
+    assert "(max asr %)" in table[0] and "61.00" in table[2]
+    assert "each cell is the max of up to 4 rows" in table[-1]
+    counts = json.loads(R.format_results(df, "json", pivot=pivot, agg="count"))
+    assert counts[0] == {"attack": "badnet", "none": 4, "ft": 4}
+    with pytest.raises(ValueError, match="unknown pivot aggregation 'sum'"):
+        R.format_results(df, pivot=pivot, agg="sum")
+
+    # One row per cell: no note, in any form.
+    one = R.format_results(df, pivot=pivot, where="ratio == 0.1 and seed == 0")
+    assert R.pivot_note(df, pivot, where="ratio == 0.1 and seed == 0") is None
+    assert one.splitlines()[-1].split() == ["blended", "40.00", "40.00"] and "note" not in one
+    assert "note" not in R.format_results(df, pivot=("attack", "seed", "asr"), where="ratio == 0.1 and defense == 'ft'")
+    # Two rows with the same identity (another sweep in the folder) are named as such.
+    R.write_row(tmp_path, make_row("again", sweep="other", asr=0.2))
+    again = R.pivot_note(R.load_results(tmp_path), pivot, where="ratio == 0.1 and seed == 0")
+    assert again.startswith("note: each cell is the mean of up to 2 rows;") and "2 rows repeat" in again
+
+
+def test_cli_pivot_agg_and_note_on_stderr(tmp_path, capsys, ratio_seed_rows):
+    from sweep.cli import main
+
+    out = _sweep_folder(tmp_path, ratio_seed_rows)
+    pivot = ["--pivot", "attack", "defense", "asr"]
+    assert main(["results", str(out), *pivot, "--format", "csv", "--agg", "max"]) == 0
+    captured = capsys.readouterr()
+    assert pd.read_csv(io.StringIO(captured.out), index_col="attack").loc["badnet", "ft"] == pytest.approx(0.61)
+    assert captured.err.splitlines() == [
+        "note: each cell is the max of up to 4 rows over ratio (2 values), seed (2 values); "
+        "--agg picks mean|median|min|max|count, --where narrows"]
+    assert main(["results", str(out), *pivot]) == 0
+    captured = capsys.readouterr()
+    assert "each cell is the mean" in captured.out.splitlines()[-1] and captured.err == ""
+    assert main(["results", str(out), *pivot, "--format", "json", "--where", "ratio == 0.1 and seed == 1"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["results", str(out), "--agg", "max"]) == 2
+    assert "--agg max aggregates pivot cells" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- status / markers

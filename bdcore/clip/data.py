@@ -54,29 +54,65 @@ def captions_from_classes(data: ImageSet, class_names: tuple[str, ...] | list[st
     return ImageTextSet(data.images.cpu(), captions, labels.clone(), {"templates": list(templates)})
 
 
+CAPTION_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+_ACCEPTED_TABLE = (f"a CSV or Parquet file (.csv, .tsv or .parquet) with an image path column "
+                   f"({'/'.join(IMAGE_COLUMNS)}) and a caption column ({'/'.join(CAPTION_COLUMNS)})")
+
+
+def _table_header(path: Path) -> tuple[list[str], int]:
+    """Column names and whether there is a row (0 or 1) of a caption table, from its header (CSV / TSV:
+    the first two lines) or its Parquet footer: a multi-gigabyte table costs nothing to check."""
+    import pandas as pd
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_metadata(path)
+            return list(meta.schema.to_arrow_schema().names), min(meta.num_rows, 1)
+        head = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", nrows=1)
+        return [str(c) for c in head.columns], len(head)
+    except pd.errors.EmptyDataError:
+        return [], 0
+    except (OSError, ValueError) as exc:  # not a table of that format (pyarrow and pandas raise ValueErrors)
+        raise ValueError(f"cannot read caption table {str(path)!r} as {path.suffix[1:].upper()}: "
+                         f"{' '.join(str(exc).split())}; expected {_ACCEPTED_TABLE}") from exc
+
+
+def check_caption_table(path: str | Path) -> tuple[str, str]:
+    """The (image, caption) column names of the caption table at `path`, after a cheap check that
+    load_caption_table will accept it: the file is there, of a known format, with both columns and a
+    row. Reads only the header or the Parquet footer. FileNotFoundError / ValueError say what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"caption table {str(path)!r} {what}; expected {_ACCEPTED_TABLE}")
+    if path.suffix not in CAPTION_TABLE_SUFFIXES:
+        raise ValueError(f"caption table {str(path)!r}: use {_ACCEPTED_TABLE}")
+    columns, rows = _table_header(path)
+    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if image_col is None or caption_col is None:
+        raise ValueError(f"caption table {str(path)!r} has columns {columns}; it needs one of "
+                         f"{list(IMAGE_COLUMNS)} and one of {list(CAPTION_COLUMNS)}")
+    if not rows:
+        raise ValueError(f"caption table {str(path)!r} has no rows")
+    return image_col, caption_col
+
+
 def load_caption_table(path: str | Path, image_root: str | Path | None = None, image_size: int = 224,
                        limit: int | None = None) -> ImageTextSet:
-    """Read a CSV/Parquet caption table; image paths are relative to `image_root` (default: the table's
-    folder). Images are resized to image_size x image_size RGB."""
+    """Read a CSV/TSV/Parquet caption table; image paths are relative to `image_root` (default: the
+    table's folder). Images are resized to image_size x image_size RGB."""
     import pandas as pd
     from PIL import Image
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption table {str(path)!r} does not exist; expected a CSV or Parquet file with "
-                                f"an image path column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
-                                f"({'/'.join(CAPTION_COLUMNS)})")
+    image_col, caption_col = check_caption_table(path)
     if path.suffix == ".parquet":
         table = pd.read_parquet(path)
-    elif path.suffix in (".csv", ".tsv"):
-        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
     else:
-        raise ValueError(f"caption table {str(path)!r}: use a .csv, .tsv or .parquet file")
-    image_col = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in table.columns), None)
-    if image_col is None or caption_col is None:
-        raise ValueError(f"caption table {str(path)!r} has columns {list(table.columns)}; it needs one of "
-                         f"{list(IMAGE_COLUMNS)} and one of {list(CAPTION_COLUMNS)}")
+        table = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
     if limit is not None:
         table = table.iloc[:limit]
     root = Path(image_root) if image_root is not None else path.parent

@@ -119,21 +119,45 @@ class DefenderData:
 DATA_ROOT_ENV = "BDCORE_DATA_ROOT"
 
 
-def resolve_root(dataset: str, root: str | os.PathLike | None, default_subdir: str) -> Path:
-    """Where a dataset lives: the `root` argument, else $BDCORE_<NAME>_ROOT, else
-    $BDCORE_DATA_ROOT/<default_subdir>, else ./data/<default_subdir>."""
+def resolve_root(dataset: str, root: str | os.PathLike | None, default_subdir: str,
+                 marker: str | None = None) -> Path:
+    """Where a dataset lives, as an absolute path (errors name it whatever the working folder): the
+    `root` argument, else $BDCORE_<NAME>_ROOT, else $BDCORE_DATA_ROOT/<default_subdir>, else
+    ./data/<default_subdir>.
+
+    With `marker` (an entry the dataset's own folder holds, e.g. CIFAR-10's data_batch_1), that folder
+    may also be named by its parent: a folder without `marker` but with a <default_subdir> folder inside
+    means that inner folder. Both spellings then read the same files, and any caller that identifies
+    the data by its folder (a sweep's dataset fingerprint) sees one folder, not two."""
     if root is not None:
-        return Path(root)
-    specific = os.environ.get(f"BDCORE_{dataset.upper()}_ROOT")
-    if specific:
-        return Path(specific)
-    base = os.environ.get(DATA_ROOT_ENV)
-    return Path(base) / default_subdir if base else Path("data") / default_subdir
+        folder = Path(root)
+    elif os.environ.get(f"BDCORE_{dataset.upper()}_ROOT"):
+        folder = Path(os.environ[f"BDCORE_{dataset.upper()}_ROOT"])
+    else:
+        base = os.environ.get(DATA_ROOT_ENV)
+        folder = Path(base) / default_subdir if base else Path("data") / default_subdir
+    folder = folder.absolute()
+    if marker is not None and not (folder / marker).exists() and (folder / default_subdir).is_dir():
+        folder = folder / default_subdir
+    return folder
 
 
-def missing_layout_error(dataset: str, path: Path, layout: str) -> DatasetError:
+def subfolder_hint(folder: Path, marker: str) -> str:
+    """" (did you mean '<folder>/<child>'?)" when `folder` lacks `marker` but a folder inside it holds
+    it (a root one level too high, the inner folder renamed), else ""."""
+    try:
+        if not folder.is_dir() or (folder / marker).exists():
+            return ""
+        inner = sorted(child for child in folder.iterdir() if child.is_dir() and (child / marker).exists())
+    except OSError:  # unreadable: no hint
+        return ""
+    return f" (did you mean {str(inner[0].absolute())!r}?)" if inner else ""
+
+
+def missing_layout_error(dataset: str, path: Path, layout: str, hint: str = "") -> DatasetError:
     return DatasetError(
-        f"{dataset}: dataset not found or malformed at {str(path)!r}. Expected layout:\n{layout}\n"
+        f"{dataset}: dataset not found or malformed at {str(Path(path).absolute())!r}{hint}. Expected layout:\n"
+        f"{layout}\n"
         f"Pass root=... (grid/CLI 'data_root'), or set BDCORE_{dataset.upper()}_ROOT or "
         f"{DATA_ROOT_ENV}. Nothing is downloaded."
     )

@@ -7,6 +7,10 @@ folders torchvision.datasets.CIFAR10/CIFAR100 and BackdoorBench read):
     cifar-10-batches-py/  data_batch_1 .. data_batch_5, test_batch, batches.meta
     cifar-100-python/     train, test, meta
 
+root: the folder holding the batch files, or the folder that holds cifar-10-batches-py (cifar-100-python
+for CIFAR-100), e.g. where the archive was unpacked; both name the same data. $BDCORE_CIFAR10_ROOT /
+$BDCORE_CIFAR100_ROOT are read the same way; $BDCORE_DATA_ROOT is the parent of every dataset folder.
+
 Each batch is a Python 2 pickle of a dict with b"data" (uint8 N x 3072: the 1024 red, then green,
 then blue values of a 32x32 image, row-major) and b"labels" (CIFAR-10) or b"fine_labels"
 (CIFAR-100). The meta files hold b"label_names" / b"fine_label_names". The pickles are read with
@@ -21,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, ImageSet, missing_layout_error, resolve_root
-from bdcore.data.registry import register_dataset
+from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, ImageSet, missing_layout_error, subfolder_hint
+from bdcore.data.registry import dataset_root, register_dataset
 from bdcore.data.safe_pickle import load_pickle_file
 
 
@@ -46,8 +50,14 @@ class _CifarSpec:
         return (
             f"  {self.subdir}/  {files}\n"
             f"  (the official CIFAR python-version pickles: dicts with b'data' uint8 N x 3072 and "
-            f"b'{self.label_key}'; {self.meta_file} with b'{self.names_key}')"
+            f"b'{self.label_key}'; {self.meta_file} with b'{self.names_key}')\n"
+            f"  root: the folder holding these files, or the folder that holds {self.subdir}/"
         )
+
+    @property
+    def marker(self) -> str:
+        """The file that tells the batches folder from its parent."""
+        return self.train_files[0]
 
 
 CIFAR10 = _CifarSpec(
@@ -135,7 +145,7 @@ def _check_files(spec: _CifarSpec, folder: Path) -> None:
         raise missing_layout_error(spec.name, folder, spec.layout)
     for name in spec.train_files + spec.test_files + (spec.meta_file,):
         if not (folder / name).is_file():
-            raise missing_layout_error(spec.name, folder / name, spec.layout)
+            raise missing_layout_error(spec.name, folder / name, spec.layout, subfolder_hint(folder, spec.marker))
 
 
 def _check_cifar(spec: _CifarSpec, folder: Path) -> None:
@@ -147,7 +157,7 @@ def _check_cifar(spec: _CifarSpec, folder: Path) -> None:
 
 
 def _load_cifar(spec: _CifarSpec, root) -> DatasetSplits:
-    folder = resolve_root(spec.name, root, spec.subdir)
+    folder = dataset_root(spec.name, root)  # the batches folder, also when `root` is its parent
     _check_files(spec, folder)
     info = DatasetInfo(
         name=spec.name,
@@ -165,11 +175,13 @@ def _load_cifar(spec: _CifarSpec, root) -> DatasetSplits:
     return DatasetSplits(info, train, _read_split(folder, spec.test_files, spec))
 
 
-@register_dataset("cifar10", folder=CIFAR10.subdir, check=lambda folder: _check_cifar(CIFAR10, folder))
+@register_dataset("cifar10", folder=CIFAR10.subdir, check=lambda folder: _check_cifar(CIFAR10, folder),
+                  marker=CIFAR10.marker)
 def load_cifar10(root=None) -> DatasetSplits:
     return _load_cifar(CIFAR10, root)
 
 
-@register_dataset("cifar100", folder=CIFAR100.subdir, check=lambda folder: _check_cifar(CIFAR100, folder))
+@register_dataset("cifar100", folder=CIFAR100.subdir, check=lambda folder: _check_cifar(CIFAR100, folder),
+                  marker=CIFAR100.marker)
 def load_cifar100(root=None) -> DatasetSplits:
     return _load_cifar(CIFAR100, root)

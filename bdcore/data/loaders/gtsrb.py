@@ -10,7 +10,8 @@ BackdoorBench's utils/dataset/GTSRB.py and WaNet's gtsrb_download.sh read them):
 
 Every CSV is semicolon-separated with the header
 `Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId`; `Filename` is relative to the CSV's
-folder. Only this layout is read (not the variant with Train/<int class>/ folders). Images are
+folder. `root` is the gtsrb folder (the one holding Train/ and Test/) or the folder that holds gtsrb/.
+Only this layout is read (not the variant with Train/<int class>/ folders). Images are
 resized to 32x32 with PIL's bilinear filter at load time, as BackdoorBench's Resize((32, 32)).
 BackdoorBench does not normalise GTSRB (normalize=False; mean/std are the identity) nor flip it.
 """
@@ -20,10 +21,10 @@ import csv
 import re
 from pathlib import Path
 
-from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
+from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, subfolder_hint
 from bdcore.data.imageio import image_size
 from bdcore.data.loaders._images import load_image_set
-from bdcore.data.registry import register_dataset
+from bdcore.data.registry import dataset_root, register_dataset
 
 NUM_CLASSES = 43
 SIZE = 32
@@ -70,7 +71,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     if train_dir.is_dir():
         class_dirs = sorted(d for d in train_dir.iterdir() if d.is_dir() and re.fullmatch(r"\d{5}", d.name))
     if not class_dirs or not test_dir.is_dir():
-        raise missing_layout_error("gtsrb", folder, GTSRB_LAYOUT)
+        raise missing_layout_error("gtsrb", folder, GTSRB_LAYOUT, subfolder_hint(folder, "Train"))
     return class_dirs
 
 
@@ -85,9 +86,9 @@ def check_gtsrb(folder: Path) -> None:
     image_size(paths[0])
 
 
-@register_dataset("gtsrb", check=check_gtsrb)
+@register_dataset("gtsrb", check=check_gtsrb, marker="Train")
 def load_gtsrb(root=None) -> DatasetSplits:
-    folder = resolve_root("gtsrb", root, "gtsrb")
+    folder = dataset_root("gtsrb", root)
     class_dirs = _class_dirs(folder)
     test_dir = folder / "Test"
 

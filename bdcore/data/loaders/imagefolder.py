@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
+from bdcore.data.base import (
+    DatasetError,
+    DatasetInfo,
+    DatasetSplits,
+    missing_layout_error,
+    resolve_root,
+    subfolder_hint,
+)
 from bdcore.data.imageio import image_size
 from bdcore.data.loaders._images import IMAGE_SUFFIXES, channel_stats, list_images, load_image_set
 from bdcore.data.registry import register_dataset
@@ -33,7 +40,7 @@ def _split_dirs(folder: Path) -> tuple[Path, Path]:
     train_dir = folder / "train"
     test_dir = folder / "test" if (folder / "test").is_dir() else folder / "val"
     if not train_dir.is_dir() or not test_dir.is_dir() or not _class_dirs(train_dir):
-        raise missing_layout_error("imagefolder", folder, IMAGEFOLDER_LAYOUT)
+        raise missing_layout_error("imagefolder", folder, IMAGEFOLDER_LAYOUT, subfolder_hint(folder, "train"))
     return train_dir, test_dir
 
 

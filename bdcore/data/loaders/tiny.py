@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, resolve_root
+from bdcore.data.base import DatasetError, DatasetInfo, DatasetSplits, missing_layout_error, subfolder_hint
 from bdcore.data.imageio import image_size
 from bdcore.data.loaders._images import list_images, load_image_set, wrong_size_error
-from bdcore.data.registry import register_dataset
+from bdcore.data.registry import dataset_root, register_dataset
 
 SIZE = 64
 TINY_DIR = "tiny-imagenet-200"
@@ -74,7 +74,7 @@ def _tiny_folder(folder: Path) -> Path:
     if (folder / TINY_DIR / "wnids.txt").is_file():
         folder = folder / TINY_DIR
     if not (folder / "wnids.txt").is_file():
-        raise missing_layout_error("tiny", folder, TINY_LAYOUT)
+        raise missing_layout_error("tiny", folder, TINY_LAYOUT, subfolder_hint(folder, "wnids.txt"))
     return folder
 
 
@@ -93,9 +93,9 @@ def check_tiny(folder: Path) -> None:
         raise wrong_size_error("tiny", files[0], found, SIZE)
 
 
-@register_dataset("tiny", folder=TINY_DIR, check=check_tiny)
+@register_dataset("tiny", folder=TINY_DIR, check=check_tiny, marker="wnids.txt")
 def load_tiny(root=None) -> DatasetSplits:
-    folder = _tiny_folder(resolve_root("tiny", root, TINY_DIR))
+    folder = _tiny_folder(dataset_root("tiny", root))
     wnids = _read_wnids(folder / "wnids.txt")
     class_index = {w: i for i, w in enumerate(wnids)}
 
