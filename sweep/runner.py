@@ -499,13 +499,15 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     out = Path(options.out).resolve()
     layout = SweepLayout(out)
-    out.mkdir(parents=True, exist_ok=True)
     uri = options.mlflow_uri or default_uri(out)
-    tracker = make_tracker(uri, plan.name, out, options.tracking_wait)  # the sqlite store exists before any worker
-
     all_ids = {c.cell_id for c in plan.attacks} | {d.cell_id for d in plan.defenses} | {a.cell_id for a in plan.analyses}
     markers = {m["row"]["cell_id"]: m for m in layout.markers() if m.get("row", {}).get("cell_id") in all_ids}
     payloads = plan_payloads(plan)
+    # Resources first: a request no node can meet is refused before the folder or the tracking store
+    # changes at all (Ray is only started when some cell may have to run).
+    started_ray = _check_resources_early(payloads, markers, options)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(uri, plan.name, out, options.tracking_wait)  # the sqlite store exists before any worker
     for cell_id in _lost_artifacts(layout, markers, payloads, options.retry_failed):
         del markers[cell_id]  # set aside: the cell runs again
     layout.write_code_records(plan.code_records)
@@ -542,8 +544,12 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     if not todo:
         books.close()
         compact(out)  # a driver killed mid-compaction left rows in two files: fold them now
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     else:
-        started_ray = _init_ray(options.address)
+        started_ray = _init_ray(options.address) or started_ray
         try:
             import ray
 
@@ -571,6 +577,26 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             status = m["row"]["status"]
             outcome.statuses[status] = outcome.statuses.get(status, 0) + 1
     return outcome
+
+
+def _check_resources_early(payloads: list[dict], markers: dict[str, dict], options: RunOptions) -> bool:
+    """check_resources for the cells that may run (unfinished, stale, or any with --rerun), starting
+    Ray only when there are some. Returns True when this call started Ray."""
+    may_run = payloads if options.rerun else [
+        p for p in payloads if not _is_final(markers.get(p["cell_id"]), options.retry_failed)
+        or (not options.keep_stale and markers[p["cell_id"]]["row"].get("code") != p.get("code"))]
+    if not may_run:
+        return False
+    import ray
+
+    started = _init_ray(options.address)
+    try:
+        check_resources(may_run, ray.nodes())
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
 
 
 def _recompute_changed(layout: SweepLayout, plan, markers: dict[str, dict], payloads: list[dict],

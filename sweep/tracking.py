@@ -79,7 +79,7 @@ class Tracker:
         row = marker["row"]
         cell_id = row["cell_id"]
         tags = {k: str(row[k]) for k in ("stage", "dataset", "model", "attack", "defense", "label_mode", "status",
-                                          "attack_cell_id", "analysis", "parent_cell_id") if row.get(k) is not None}
+                                          "attack_cell_id", "analysis", "parent_cell_id", "code") if row.get(k) is not None}
         if row.get("error"):
             tags["error"] = str(row["error"])[:5000]
         run_id = self.runs.get(cell_id)

@@ -307,6 +307,18 @@ CASES = [
     # other flags and commands
     Case("max-concurrent-0", grid(), ["run", "{grid}", "--out", "{out}", "--max-concurrent", "0"],
          "--max-concurrent must be >= 1, got 0"),
+    Case("run-resources-unknown-stage", grid(), ["run", "{grid}", "--out", "{out}", "--resources", "attacks.gpu=0"],
+         "--resources 'attacks.gpu=0': expected STAGE.KEY=VALUE with STAGE attack, defense, analysis, KEY cpu or "
+         "gpu and VALUE a number >= 0, e.g. attack.gpu=0"),
+    Case("run-resources-unknown-key", grid(), ["run", "{grid}", "--out", "{out}", "--resources", "defense.mem=2"],
+         "--resources 'defense.mem=2': expected STAGE.KEY=VALUE with STAGE attack"),
+    Case("run-resources-negative", grid(), ["run", "{grid}", "--out", "{out}", "--resources", "attack.cpu=-1"],
+         "--resources 'attack.cpu=-1': '-1' is not a number >= 0; expected STAGE.KEY=VALUE"),
+    Case("run-resources-fractional-gpus-above-1", grid(),
+         ["run", "{grid}", "--out", "{out}", "--resources", "attack.gpu=1.5"],
+         "--resources: attack: gpu 1.5: fractional GPUs are only possible below 1 (Ray's rule)"),
+    Case("status-traceback-of-no-cell", None, ["status", "{out}", "--traceback", "0123456789abcdef"],
+         "--traceback 0123456789abcdef: no such cell in {out} (no marker {out}/cells/0123456789abcdef.json)"),
     Case("cell-ratio-2", None, cell(ratio="2.0"), "--ratio 2: a poisoning ratio lies strictly between 0 and 1"),
     Case("cell-ratio-1", None, cell(ratio="1"), "--ratio 1: a poisoning ratio lies strictly between 0 and 1"),
     Case("cell-unknown-attack", None, cell(attack="badnot"), "unknown attack 'badnot'; known attacks: adap_blend"),

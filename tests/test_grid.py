@@ -336,13 +336,21 @@ def test_backdoorbench_scale_grid_plans_in_seconds():
 def test_plan_summary_counts_markers(tmp_path):
     plan = plan_of(base())
     layout = SweepLayout(tmp_path)
-    cells = [plan.attacks[0].cell_id, plan.attacks[1].cell_id, plan.defenses[0].cell_id, plan.defenses[1].cell_id]
-    for cell_id, status in zip(cells, ["done", "done", "failed", "skipped"]):
-        layout.write_marker(cell_id, {"row": {"cell_id": cell_id, "status": status}})
+    cells = [plan.attacks[0], plan.attacks[1], plan.defenses[0], plan.defenses[1]]
+    for cell, status in zip(cells, ["done", "done", "failed", "skipped"]):
+        layout.write_marker(cell.cell_id, {"row": {"cell_id": cell.cell_id, "status": status, "code": cell.code}})
     layout.write_marker("0123456789abcdef", {"row": {"cell_id": "0123456789abcdef", "status": "done"}})  # not ours
     summary = plan_summary(plan, tmp_path)
     assert summary == {"name": "t", "attack_cells": 4, "defense_cells": 8, "analysis_cells": 0, "total_cells": 12,
-                       "done": 2, "failed": 1, "skipped": 1, "pending": 8, "warnings": []}
+                       "done": 2, "failed": 1, "skipped": 1, "pending": 8, "stale": 0, "stale_because": [],
+                       "stale_dependents": 0, "warnings": []}
+    # a marker with no code fingerprint (written before they existed) is stale, and so are its dependents
+    stale = plan.attacks[1].cell_id
+    layout.write_marker(stale, {"row": {"cell_id": stale, "status": "done"}})
+    summary = plan_summary(plan, tmp_path)
+    assert summary["stale"] == 1 and summary["stale_because"] == ["recorded before code fingerprints"]
+    assert summary["stale_dependents"] == len(plan.defenses_of(stale)) == 2
+    assert "stale" in format_plan(summary)
     assert plan_summary(plan, tmp_path / "nothing")["pending"] == 12
     text = format_plan(summary)
     assert "12 cells (4 attack + 8 defense)" in text and "pending" in text

@@ -206,4 +206,4 @@ def test_edited_params_leave_one_current_row_and_prune_moves_the_old_cells(tmp_p
     assert len(load_results(out, scope="all")) == 4  # only the current cells are left
     assert main(["prune", str(out)]) == 0 and "nothing to prune" in capsys.readouterr().out
     assert run(grid, out, ray_address) == 0  # the pruned folder still resumes: nothing reruns
-    assert sum(computed(out).values()) == 6 + 2
+    assert sum(computed(out).values()) == 6 and set(computed(out).values()) == {1}  # 2 attacks, 2 old ft, 2 new ft

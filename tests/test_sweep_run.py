@@ -65,7 +65,7 @@ def test_grid_runs_fails_cleanly_and_resumes_without_repeating(tmp_path, ray_add
     broken = [c for c in plan.attacks if c.spec.attack_params.get("patch_image")][0]
     assert rows.loc[broken.cell_id, "status"] == "failed"
     assert "nonexistent" in rows.loc[broken.cell_id, "error"]
-    assert rows.loc[broken.cell_id, "attempts"] == 2  # retried once, then recorded
+    assert rows.loc[broken.cell_id, "attempts"] == 1  # a missing file recurs: recorded without a retry
     assert SweepLayout(out).read_marker(broken.cell_id)["traceback"]
     skipped = [d for d in plan.defenses if d.attack_cell_id == broken.cell_id][0]
     assert rows.loc[skipped.cell_id, "status"] == "skipped"
