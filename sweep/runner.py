@@ -507,7 +507,14 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     # changes at all (Ray is only started when some cell may have to run).
     started_ray = _check_resources_early(payloads, markers, options)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(uri, plan.name, out, options.tracking_wait)  # the sqlite store exists before any worker
+    try:
+        tracker = make_tracker(uri, plan.name, out, options.tracking_wait)  # the sqlite store exists before any worker
+    except BaseException:  # a locked store: the Ray this call started goes with the refusal
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     for cell_id in _lost_artifacts(layout, markers, payloads, options.retry_failed):
         del markers[cell_id]  # set aside: the cell runs again
     layout.write_code_records(plan.code_records)
@@ -516,25 +523,7 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
     reconcile(layout, tracker, markers)
     final = {cid: m["row"]["status"] for cid, m in markers.items() if _is_final(m, options.retry_failed)}
 
-    todo, waiting, pending = [], {}, {}
-    skipped: dict[str, dict] = {}
-    for payload in payloads:  # every cell after the cells it requires
-        if payload["cell_id"] in final:
-            continue
-        parent = payload.get("parent_cell_id")
-        if parent in final and final[parent] != "done":  # its parent failed or was skipped for good
-            skipped[payload["cell_id"]] = skipped_marker(payload, plan.name, _upstream_reason(payload))
-            layout.write_marker(payload["cell_id"], skipped[payload["cell_id"]])
-            final[payload["cell_id"]] = "skipped"
-            continue
-        todo.append(payload)
-        left = {p for p in payload["requires"] if p not in final}
-        if left:
-            pending[payload["cell_id"]] = left
-            for prerequisite in left:
-                waiting.setdefault(prerequisite, []).append(payload)
-    if skipped:
-        reconcile(layout, tracker, skipped)  # one read of the results table for all of them
+    todo, waiting, pending = _schedule(layout, tracker, plan.name, payloads, final)
     failpoints.failpoint("planning")
 
     outcome = SweepOutcome(out=out, mlflow_uri=uri, already_finished=plan.total_cells - len(todo))
@@ -577,6 +566,32 @@ def run_sweep(plan, options: RunOptions) -> SweepOutcome:
             status = m["row"]["status"]
             outcome.statuses[status] = outcome.statuses.get(status, 0) + 1
     return outcome
+
+
+def _schedule(layout: SweepLayout, tracker, name: str, payloads: list[dict], final: dict[str, str]):
+    """The cells to run, in order, and who waits on whom: (todo, waiting: prerequisite id -> payloads,
+    pending: cell id -> prerequisites left). A cell whose parent failed or was skipped for good is
+    recorded as skipped now."""
+    todo, waiting, pending = [], {}, {}
+    skipped: dict[str, dict] = {}
+    for payload in payloads:  # every cell after the cells it requires
+        if payload["cell_id"] in final:
+            continue
+        parent = payload.get("parent_cell_id")
+        if parent in final and final[parent] != "done":  # its parent failed or was skipped for good
+            skipped[payload["cell_id"]] = skipped_marker(payload, name, _upstream_reason(payload))
+            layout.write_marker(payload["cell_id"], skipped[payload["cell_id"]])
+            final[payload["cell_id"]] = "skipped"
+            continue
+        todo.append(payload)
+        left = {p for p in payload["requires"] if p not in final}
+        if left:
+            pending[payload["cell_id"]] = left
+            for prerequisite in left:
+                waiting.setdefault(prerequisite, []).append(payload)
+    if skipped:
+        reconcile(layout, tracker, skipped)  # one read of the results table for all of them
+    return todo, waiting, pending
 
 
 def _check_resources_early(payloads: list[dict], markers: dict[str, dict], options: RunOptions) -> bool:
