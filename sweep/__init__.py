@@ -20,14 +20,16 @@ _LAZY = {
     "format_status": "sweep.results",
     "rebuild_rows_from_markers": "sweep.results",
     "query_results": "sweep.query",
+    "prune": "sweep.prune",
 }
 
 __all__ = [
-    "compact", "format_results", "format_status", "load_results", "query_results", "rebuild_rows_from_markers",
-    "status_summary", "write_row",
+    "compact", "format_results", "format_status", "load_results", "prune", "query_results",
+    "rebuild_rows_from_markers", "status_summary", "write_row",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sweep.prune import prune
     from sweep.query import query_results
     from sweep.results import (
         compact,

@@ -456,6 +456,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bdsweep", description="Backdoor attack x defense experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_cell_command, _add_sweep_commands, _add_reading_commands, _add_show_trigger_command):
+        add(sub)
+    return parser
+
+
+def _add_cell_command(sub) -> None:
     cell = sub.add_parser("cell", help="run one attack cell and one defense cell")
     cell.add_argument("--dataset", required=True)
     cell.add_argument("--model", required=True)
@@ -475,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     cell.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     cell.set_defaults(func=cmd_cell)
 
+
+def _add_sweep_commands(sub) -> None:
     plan = sub.add_parser("plan", help="count a grid's attack and defense cells and what is already done")
     plan.add_argument("grid")
     plan.add_argument("--out", default="runs/sweep", help="output folder to check for finished cells")
@@ -507,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "or analysis, KEY cpu or gpu), e.g. attack.gpu=0; cell ids do not change")
     run.set_defaults(func=cmd_run)
 
+
+def _add_reading_commands(sub) -> None:
     results = sub.add_parser("results", help="print the results table of an output folder")
     results.add_argument("dir")
     results.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
@@ -556,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
 
+
+def _add_show_trigger_command(sub) -> None:
     show = sub.add_parser("show-trigger", help="picture of clean / poisoned images and the amplified difference")
     show.add_argument("--attack", help="attack name (not needed with --artifact)")
     show.add_argument("--dataset", help="dataset name (not needed with --artifact)")
@@ -576,7 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--epochs", type=int, default=None, help="training epochs for such attacks (default: the "
                       "dataset's)")
     show.set_defaults(func=cmd_show_trigger)
-    return parser
 
 
 def _one_line(message: str) -> str:
