@@ -127,20 +127,25 @@ def test_training_time_defense_gets_the_rebuilt_poisoned_set(finished):
     assert result.metrics.asr < 0.2 < result.undefended.asr
 
 
-def test_detector_cell_drops_flagged_samples_and_retrains(finished, digits):
+def test_detector_cell_drops_flagged_samples_and_retrains(tmp_path, digits):
     """A detector as a defense cell: detection quality against the artifact's poison indices, then a
-    fresh model retrained without the flagged samples (the attack cell here trained 3 epochs)."""
-    from bdcore.cells import DefenseCellSpec, run_defense_cell
+    fresh model retrained without the flagged samples. The attack cell trains the digits default (10
+    epochs): at 3 epochs smallcnn sits on the knee of its curve (ACC 0.21 here, so AC's latent
+    clusters say nothing). Measured here: AC flags 125 of 144 poisons (AUROC 0.886), and the model
+    retrained without them: ACC 0.975, ASR 0.044 (undefended 0.963 / 0.963)."""
+    from bdcore.cells import DefenseCellSpec, run_attack_cell, run_defense_cell
 
-    attack_dir = next((finished / "attacks").iterdir())
+    spec = AttackCellSpec(dataset="digits", model="smallcnn", attack="badnet", ratio=0.1)
+    attack_dir = run_attack_cell(spec, tmp_path, device="cpu", data=digits).path
     n_train = len(digits.train)
-    result = run_defense_cell(attack_dir, DefenseCellSpec(defense="ac"), finished)
+    result = run_defense_cell(attack_dir, DefenseCellSpec(defense="ac"), tmp_path, device="cpu", data=digits)
     assert result.status == "done", result.reason
     d = result.diagnostics
     assert d["n_samples"] == n_train and d["n_poison"] == len(load_attack_cell(attack_dir).poison_indices)
-    assert d["retrained_on"] == n_train - d["n_flagged"] and d["retrain_epochs"] == 3
-    assert d["detection_auroc"] >= 0.75, d  # a 3-epoch model (test_detectors.py measures the 10-epoch one)
-    assert result.metrics.asr <= result.undefended.asr / 2, (result.metrics, result.undefended)
+    assert d["retrained_on"] == n_train - d["n_flagged"] and d["retrain_epochs"] == 10
+    assert d["detection_auroc"] >= 0.85 and d["detection_fpr"] <= 0.02, d
+    assert result.metrics.asr <= result.undefended.asr / 2, (result.metrics, result.undefended, d)
+    assert result.metrics.acc >= result.undefended.acc - 0.03, (result.metrics, result.undefended)
 
 
 def test_input_filter_cell_reports_inference_screening(finished):
