@@ -93,6 +93,16 @@ class Attack(ABC):
         return torch.full_like(labels, self.config.target)
 
     # -- poisoning -------------------------------------------------------------------------
+    def batch_poison_count(self, batch_size: int, generator: torch.Generator | None = None) -> int:
+        """How many samples of a batch an attack that poisons per batch poisons: int(ratio x B), and
+        when ratio x B < 1 one sample with probability ratio x B, so that the expected poisoned share
+        is the ratio at any batch size (BackdoorBench's generalize_to_lower_pratio; without it a
+        ratio of 0.005 at batch 128 poisons nothing). Draws from `generator` only in that case."""
+        expected = self.config.ratio * batch_size
+        if expected >= 1:
+            return min(batch_size, int(expected))
+        return int(torch.rand((), generator=generator).item() < expected)
+
     def poison_count(self, n_train: int) -> int:
         return max(1, int(round(self.config.ratio * n_train)))
 

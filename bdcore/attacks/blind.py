@@ -117,7 +117,9 @@ class BlindStep:
         smoothing = ctx.config.label_smoothing
         if ctx.epoch < cfg.start_epoch:
             return F.cross_entropy(model(to_model_input(images, ctx)), labels, label_smoothing=smoothing)
-        bd_images, bd_labels = self.attack.backdoor_batch(images, labels)
+        bd_images, bd_labels = self.attack.backdoor_batch(images, labels, ctx.generator)
+        if not len(bd_images):  # ratio x B < 1 and this batch drew no backdoored sample
+            return F.cross_entropy(model(to_model_input(images, ctx)), labels, label_smoothing=smoothing)
         # One forward pass over [batch, backdoored copy]: BatchNorm sees both in its batch statistics
         # (separate passes let BN normalise a trigger present in every sample of the copy away in
         # training mode, and the running statistics then break clean accuracy in eval mode).
@@ -181,13 +183,14 @@ class Blind(Attack):
         mask = self.mask.to(images.device)
         return torch.where(mask, (self.pattern.to(images.device).float() / 255).to(images.dtype), images)
 
-    def backdoor_count(self, batch_size: int) -> int:
-        return min(batch_size, max(1, round(self.config.ratio * batch_size)))
-
-    def backdoor_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backdoored copy of a batch: its first round(ratio * B) samples carry the pattern and
-        the target label, the others stay clean (batches come in random order)."""
-        k = self.backdoor_count(images.shape[0])
+    def backdoor_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backdoored copy of a batch: its first batch_poison_count(B) samples (int(ratio * B);
+        below one, one sample with probability ratio * B) carry the pattern and the target label,
+        the others stay clean (batches come in random order); empty when that count is 0."""
+        k = self.batch_poison_count(images.shape[0], generator)
+        if k == 0:
+            return images[:0], labels[:0]
         bd_images, bd_labels = images.clone(), labels.clone()
         bd_images[:k] = self.apply_float_trigger(images[:k])
         bd_labels[:k] = self.target_labels(labels[:k])

@@ -13,7 +13,8 @@ reference release):
    cached resource (kind "inputaware_mask", built once and shared by every cell with the same
    data and mask settings).
 2. In every training batch (already shuffled and augmented by the loop) the first
-   int(ratio * B) samples get their own trigger and the target label (paper p_attack 0.1), the
+   int(ratio * B) samples get their own trigger and the target label (paper p_attack 0.1; below
+   one sample per batch, one sample with probability ratio * B, as BackdoorBench), the
    next int(cross_ratio * B) samples get the pattern and mask of ANOTHER image of the batch and
    keep their true label (cross-trigger samples, p_cross 0.1; they force the trigger to match its
    image), the rest stay clean. The loss is cross-entropy + lambda_div * mean over pairs of
@@ -322,7 +323,7 @@ class InputAware(Attack):
                                 torch.zeros(0, dtype=torch.long), train.labels.clone())
 
     def poison_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> PoisonedBatch:
-        """The paper's batch: the first int(ratio * B) images with their own trigger and the target
+        """The paper's batch: the first int(ratio * B) images (Attack.batch_poison_count) with their own trigger and the target
         label, the next int(cross_ratio * B) with another image's trigger and their true label,
         the rest clean. `images` float [0, 1] on the generators' device; g in its current mode."""
         with cpu_threads(images.device):
@@ -331,7 +332,7 @@ class InputAware(Attack):
     def _poison_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> PoisonedBatch:
         cfg = self.config
         b = images.shape[0]
-        n_poison, n_cross = int(cfg.ratio * b), int(cfg.cross_ratio * b)
+        n_poison, n_cross = self.batch_poison_count(b, generator), int(cfg.cross_ratio * b)
         if b < 2:
             n_cross = 0
         perm = torch.randperm(b, generator=generator)

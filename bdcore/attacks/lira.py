@@ -113,9 +113,13 @@ class LiraStep:
     def __call__(self, images, labels, indices, ctx: StepContext) -> torch.Tensor:
         cfg, attack = self.attack.config, self.attack
         n = images.shape[0]
-        k = min(n, max(1, round(cfg.ratio * n)))
-        source, bd_labels = images[:k], attack.target_labels(labels[:k])
+        k = attack.batch_poison_count(n, ctx.generator)  # below one per batch: one with probability ratio * n
         smoothing = ctx.config.label_smoothing
+        if k == 0:  # this batch drew no poisoned sample: the clean term alone, weighted as always
+            clean = F.cross_entropy(ctx.model(to_model_input(images, ctx)), labels, label_smoothing=smoothing)
+            self.last = {"clean": float(clean.detach()), "backdoor": float("nan"), "generator": float("nan")}
+            return cfg.alpha * clean
+        source, bd_labels = images[:k], attack.target_labels(labels[:k])
         stage1 = ctx.epoch < stage1_epochs(cfg.stage1_share, ctx.config.epochs)
 
         def losses(logits):
