@@ -138,9 +138,9 @@ def test_bpp_quantisation_and_dithering_by_hand():
 
 
 def test_bpp_trigger_matches_reference_floyd_steinberg(digits):
-    attack = build_attack("bpp", digits.info)
-    cfg = attack.config
-    assert (cfg.squeeze_num, cfg.dithering, cfg.neg_ratio, cfg.ratio) == (8, True, 0.2, 0.1)
+    cfg = build_attack("bpp", digits.info).config  # BackdoorBench's default.yaml
+    assert (cfg.squeeze_num, cfg.dithering, cfg.neg_ratio, cfg.ratio) == (8, False, 0.1, 0.1)
+    attack = build_attack("bpp", digits.info, dithering=True)  # the paper's method
     x, y = digits.test.images[:3], digits.test.labels[:3]
     out = attack.apply_trigger(x, y)
     assert torch.isin(out, LEVELS8).all()
@@ -166,7 +166,8 @@ def test_bpp_negative_samples(digits):
     images, seen = run_step(step, poisoned, digits.info, batch)
     is_poison = torch.isin(batch, poisoned.poison_indices)
     changed = (seen != images).flatten(1).any(1)
-    assert int(changed.sum()) == int(64 * 0.2) and not (changed & is_poison).any()
+    assert attack.config.neg_ratio == 0.1  # BackdoorBench's default
+    assert int(changed.sum()) == int(64 * 0.1) and not (changed & is_poison).any()
     # Each negative = clamp(x + bpp(x_j) - x_j) for a clean (non-poisoned) training image x_j.
     clean_idx = torch.ones(len(digits.train), dtype=torch.bool)
     clean_idx[poisoned.poison_indices] = False
@@ -218,7 +219,8 @@ def test_backdoor_behaviour_on_digits(train_attack, clean_digits_model, digits, 
     bpp paper defaults (8 levels, dithering, negatives 0.2): 0.961 / 0.626 / 0.371; negatives 0.1:
     0.950 / 0.660; negatives 0.05: 0.955 / 0.966; no dithering: 0.947 / 0.498; no negatives:
     0.958 / 1.0; 4 levels (used): 0.953 / 1.0 / 0.0 with the tests' 2 threads (0.958 with 1; ASR >= 0.86
-    from epoch 2 on).
+    from epoch 2 on). With BackdoorBench's defaults (no dithering, negatives 0.1; issue 24), measured on
+    the machines of December 2026: 8 levels 0.942 / 0.607 / 0.389; 4 levels (used) 0.958 / 1.0 / 0.0.
     A no-op trigger fails: the clean model does not send triggered images to the target."""
     clean_model, clean_acc = clean_digits_model
     attack, _, metrics, _ = train_attack(name, ratio=0.1, **BEHAVIOUR[name])

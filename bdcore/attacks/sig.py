@@ -2,8 +2,9 @@
 target-class training images without changing their labels (clean-label), and to test images.
 
 Barni, Kallas & Tondi, "A new backdoor attack in CNNs by training set corruption without label
-poisoning", ICIP 2019. Defaults from the paper's sinusoidal signal: delta 20 (0..255 scale), f 6;
-the same signal at training and test time (as BackdoorBench). Every row and channel gets the same
+poisoning", ICIP 2019. Defaults from BackdoorBench (config/attack/sig/default.yaml): delta 40
+(0..255 scale), f 6; the paper's signal has delta 20 (`delta: 20`). The same signal at training and
+test time (as BackdoorBench). Every row and channel gets the same
 signal, so it works for gray and colour images alike; results are rounded and clamped to uint8.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bdcore.attacks.registry import register_attack
 
 
 class SigConfig(AttackConfig):
-    delta: float = Field(20.0, gt=0)  # amplitude, 0..255 intensity scale
+    delta: float = Field(40.0, gt=0)  # amplitude, 0..255 intensity scale (BackdoorBench 40; the paper 20)
     frequency: float = Field(6.0, gt=0)  # periods across the image width
 
 
