@@ -59,7 +59,8 @@ def test_abl_trains_a_model_without_the_backdoor(digits, badnet_cell):
     isolated are poison, ACC 0.978 / ASR 0.988 after fine-tuning, 0.875 / 0.047 after unlearning. With the
     full 20 + 60 + 20 schedule (seed 0): ACC 0.916 / ASR 0.445, within the issue's 5-point bar.
     In the pytest session (seed 0, other thread counts): ACC 0.875 / ASR 0.072. The ASR bar holds; the
-    5-point ACC bar does not at this schedule, so the test records it as an expected failure.
+    5-point ACC bar does not at this schedule, which is why this test is an opt-in known gap: run, it
+    asserts the whole bar and fails until ABL meets it.
     ~60 s on an idle 2-core machine (40 training epochs on 1,438 images).
     """
     _attack, poisoned, backdoor_test, _model, before = badnet_cell
@@ -72,7 +73,5 @@ def test_abl_trains_a_model_without_the_backdoor(digits, badnet_cell):
     # LGA must isolate mostly poison: 10% of the set is poison, so chance precision is ~0.1.
     assert d["isolation_precision"] >= 0.5, d
     assert after.asr <= before.asr / 2, (after, d)
-    assert after.acc >= before.acc - 0.15, (after, d)  # a collapsed model is a failure, not a known gap
-    if not defense_works(before, after):
-        # ABL's unlearning costs clean accuracy on this model (7.8 points at seed 0, 8.6 at seed 1).
-        pytest.xfail(f"abl halves ASR but loses more than 5 points of ACC on digits: {before} -> {after}")
+    # ABL's unlearning costs clean accuracy on this model (7.8 points at seed 0, 8.6 at seed 1).
+    assert defense_works(before, after), (before, after, d)

@@ -118,6 +118,4 @@ def test_d_st_trains_a_model_without_the_backdoor(digits, badnet_cell):
     assert d["detection_precision"] >= 0.6, d
     assert d["clean_set_poison"] <= 15, d
     assert after.asr <= before.asr / 2, (after, d)
-    assert after.acc >= before.acc - 0.15, (after, d)  # a collapsed model is a failure, not a known gap
-    if not defense_works(before, after):
-        pytest.xfail(f"d_st halves ASR but loses more than 5 points of ACC on digits: {before} -> {after}")
+    assert defense_works(before, after), (before, after, d)  # opt-in: run, the whole bar must hold

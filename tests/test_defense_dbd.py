@@ -1,7 +1,6 @@
 """DBD (bdcore/defenses/dbd.py): SCE, MixMatch pieces, resume, and a from-scratch run on the badnet cell."""
 from __future__ import annotations
 
-import pytest
 import torch
 from defense_checks import defense_works
 
@@ -95,7 +94,4 @@ def test_dbd_trains_a_model_without_the_backdoor(digits, badnet_cell):
     assert d["n_labeled"] == len(poisoned.data) // 2
     assert d["split_auroc"] >= 0.8 and d["split_poison_unlabeled"] >= 0.8, d
     assert after.asr <= before.asr / 2, (before, after, d)
-    assert after.acc >= before.acc - 0.15, (before, after, d)  # a collapsed model is a failure, not the known gap
-    if not defense_works(before, after):
-        pytest.xfail(f"dbd removes the backdoor but loses more than 5 points of ACC at the test schedule: "
-                     f"{before} -> {after}")
+    assert defense_works(before, after), (before, after, d)  # met on this machine's clean CI runs
