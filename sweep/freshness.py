@@ -112,12 +112,11 @@ def supersede(layout: SweepLayout, marker: dict, reason: str, stamp: str | None 
 def move_inside(root: Path, path: Path, dest_root: Path) -> Path | None:
     """Move `path` (a file or folder under `root`) to the same relative place under `dest_root`;
     None when it is absent or outside `root` (never touched then)."""
-    root, path = root.resolve(), path.resolve() if path.exists() else path
-    try:
-        relative = path.relative_to(root)
-    except ValueError:
-        return None
     if not path.exists():
+        return None
+    try:
+        relative = path.resolve().relative_to(root.resolve())
+    except ValueError:
         return None
     dest = dest_root / relative
     if dest.exists():

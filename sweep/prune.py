@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sweep.freshness import move_inside
 from sweep.layout import SweepLayout
-from sweep.results import current_mask, load_results, move_rows
+from sweep.results import is_current, load_results, move_rows
 
 
 @dataclass
@@ -48,7 +48,7 @@ def old_cells(out_dir: str | Path) -> tuple[list[PruneItem], set[str]]:
     for cell_id, row in markers.items():
         if cell_id in old_rows:
             continue
-        if current_mask(_frame([row]), current)[0]:
+        if is_current(cell_id, row.get("code"), current):
             if row.get("artifact"):
                 in_use.add(str(row["artifact"]))
         else:
@@ -61,12 +61,6 @@ def old_cells(out_dir: str | Path) -> tuple[list[PruneItem], set[str]]:
         items.append(PruneItem(cell_id, _describe(row), cell_id in markers, cell_id in with_rows,
                                artifact if artifact and artifact not in in_use and Path(artifact).exists() else None))
     return items, in_use
-
-
-def _frame(rows: list[dict]):
-    import pandas as pd
-
-    return pd.DataFrame(rows).reindex(columns=["cell_id", "code"])
 
 
 def _describe(row: dict) -> str:

@@ -631,7 +631,8 @@ def _check_metric_scale(where: str) -> None:
                                  f"percentages; use {fraction} for {big[0]:g}%")
 
 
-def _apply_where(df: pd.DataFrame, where: str) -> pd.DataFrame:
+def select_rows(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The rows of `df` that a --where expression selects (ValueError, one line, when it is bad)."""
     _check_metric_scale(where)
     try:
         out = df.query(where)
@@ -642,11 +643,6 @@ def _apply_where(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if not isinstance(out, pd.DataFrame):
         raise ValueError(f"bad where expression {where!r}: it does not select rows")  # noqa: TRY004
     return out
-
-
-def select_rows(df: pd.DataFrame, where: str) -> pd.DataFrame:
-    """The rows of `df` that a --where expression selects (ValueError, one line, when it is bad)."""
-    return _apply_where(df, where)
 
 
 def is_percent_column(name: str) -> bool:
@@ -696,7 +692,7 @@ def pivot_note(df: pd.DataFrame, pivot: Sequence[str], agg: str = "mean", where:
     their cell (e.g. two sweeps or parameter sets in one folder). df is filtered by where first, as in
     format_results, so the CLI can print the note of a csv/json pivot to stderr."""
     if where is not None and where.strip():
-        df = _apply_where(df, where)
+        df = select_rows(df, where)
     rows, cols, _ = pivot
     if df.empty or rows not in df.columns or cols not in df.columns:
         return None
@@ -793,7 +789,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table", where: str | None = Non
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if where is not None and where.strip():
-        df = _apply_where(df, where)
+        df = select_rows(df, where)
     text_format = fmt in ("table", "markdown")
     if pivot is not None:
         if columns:

@@ -597,9 +597,11 @@ def _schedule(layout: SweepLayout, tracker, name: str, payloads: list[dict], fin
 def _check_resources_early(payloads: list[dict], markers: dict[str, dict], options: RunOptions) -> bool:
     """check_resources for the cells that may run (unfinished, stale, or any with --rerun), starting
     Ray only when there are some. Returns True when this call started Ray."""
+    from sweep.freshness import stale_cells
+
+    stale = set() if options.keep_stale else set(stale_cells({p["cell_id"]: p["code"] for p in payloads}, markers))
     may_run = payloads if options.rerun else [
-        p for p in payloads if not _is_final(markers.get(p["cell_id"]), options.retry_failed)
-        or (not options.keep_stale and markers[p["cell_id"]]["row"].get("code") != p.get("code"))]
+        p for p in payloads if p["cell_id"] in stale or not _is_final(markers.get(p["cell_id"]), options.retry_failed)]
     if not may_run:
         return False
     import ray
@@ -623,35 +625,27 @@ def _recompute_changed(layout: SweepLayout, plan, markers: dict[str, dict], payl
 
     planned = planned_codes(plan)
     stale = stale_cells(planned, markers)
-    reasons: dict[str, str] = {}
-    if stale and not options.keep_stale:
-        files = ", ".join(changed_files(layout, plan, stale))
-        reasons.update((cid, f"code changed ({files})") for cid in stale)
-    if options.rerun:
-        reasons.update((cid, f"--rerun {options.rerun!r}") for cid in select_finished(markers, planned, options.rerun))
+    files = ", ".join(changed_files(layout, plan, stale)) if stale else ""
+    by_code = set() if options.keep_stale else set(stale)
+    by_rerun = select_finished(markers, planned, options.rerun) - by_code if options.rerun else set()
+    reasons = {**{cid: f"code changed ({files})" for cid in by_code},
+               **{cid: f"--rerun {options.rerun!r}" for cid in by_rerun}}
     if reasons:
-        chosen = set(reasons)
-        redo = with_dependents(payloads, chosen) & set(markers)
+        redo = with_dependents(payloads, set(reasons)) & set(markers)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for cell_id in redo:
             supersede(layout, markers.pop(cell_id), reasons.get(cell_id, "a cell it depends on is recomputed"), stamp)
-        print(f"bdsweep: recomputing {len(redo)} finished cell(s): {_count_reasons(reasons, stale, options)}"
-              + (f", and {len(redo - chosen)} that depend on them" if redo - chosen else "")
+        counts = [f"{len(ids)} {what}" for ids, what in ((by_code, "whose code changed"),
+                                                         (by_rerun, "selected by --rerun")) if ids]
+        print(f"bdsweep: recomputing {len(redo)} finished cell(s): {' and '.join(counts)}"
+              + (f", and {len(redo) - len(reasons)} that depend on them" if len(redo) > len(reasons) else "")
               + f" (old markers in {layout.cells / 'invalidated'}, old artifacts in {layout.root / 'superseded'})",
               file=sys.stderr)
     elif stale:
         print(f"bdsweep: warning: keeping {len(stale)} finished cell(s) whose code changed (--keep-stale): "
-              f"{', '.join(changed_files(layout, plan, stale))}", file=sys.stderr)
+              f"{files}", file=sys.stderr)
     kept = {cid: markers[cid]["row"].get("code") for cid in stale if cid in markers}
     return {cid: kept.get(cid, code) for cid, code in planned.items()}
-
-
-def _count_reasons(reasons: dict[str, str], stale: dict, options: RunOptions) -> str:
-    code = sum(1 for cid in reasons if cid in stale and not options.keep_stale)
-    parts = [f"{code} whose code changed"] if code else []
-    if len(reasons) > code:
-        parts.append(f"{len(reasons) - code} selected by --rerun")
-    return " and ".join(parts)
 
 
 def plan_payloads(plan) -> list[dict]:
