@@ -140,8 +140,12 @@ class AttackCellSpec(BaseModel):
                                  f"must be 'all2one', got {self.label_mode!r}")
             return clip_attack_config(self.attack, ratio=self.ratio, target=self.target, seed=self.seed,
                                       **self.attack_params)
-        return attack_config(self.attack, ratio=self.ratio, target=self.target, label_mode=self.label_mode,
-                             seed=self.seed, **self.attack_params)
+        config = attack_config(self.attack, ratio=self.ratio, target=self.target, label_mode=self.label_mode,
+                               seed=self.seed, **self.attack_params)
+        if getattr(config, "surrogate_is_victim", False) and config.surrogate_model is None:
+            # BackdoorBench crafts these triggers against a clean model of the victim's own architecture.
+            config = config.model_copy(update={"surrogate_model": self.model})
+        return config
 
     def train_config(self):
         """TrainConfig for image classifiers, bdcore.clip.cells.ClipCellTrain for CLIP models."""
@@ -361,10 +365,10 @@ def run_defense_cell(attack_dir: str | Path, defense: DefenseCellSpec, out_dir: 
     seed_everything(spec.seed)
     try:
         if method.kind == "post_training":
-            clean = defender_subset(data.train, config.clean_fraction, seed=spec.seed)
+            clean = defender_subset(data.train, config.clean_fraction, method.holdout_fraction, seed=spec.seed)
             outcome = method.repair(cell.model, clean, ctx)
         elif method.kind == "detector":
-            clean = defender_subset(data.train, config.clean_fraction, seed=spec.seed)
+            clean = defender_subset(data.train, config.clean_fraction, method.holdout_fraction, seed=spec.seed)
             outcome = method.mitigate(cell.model, _rebuild_poisoned(cell, data), clean, ctx)
             if isinstance(method, InputFilter):  # also screens test inputs in front of the backdoored model
                 outcome.diagnostics.update(method.filter_quality(cell.model, clean, data.test, backdoor_test.images, ctx))

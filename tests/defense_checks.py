@@ -34,7 +34,7 @@ def run_defense(name: str, cell, digits, **params) -> DefenseRun:
     assert not defense_works(before, before), "the undefended model must fail the bar"
     params.setdefault("clean_fraction", TEST_CLEAN_FRACTION)
     defense = build_defense(name, **params)
-    clean = defender_subset(digits.train, defense.config.clean_fraction, seed=0)
+    clean = defender_subset(digits.train, defense.config.clean_fraction, defense.holdout_fraction, seed=0)
     ctx = DefenseContext(digits.info, device="cpu", poisoned_train=lambda: poisoned)
     outcome = defense.repair(copy.deepcopy(model), clean, ctx)
     after = backdoor_metrics(outcome.model, digits.test, backdoor_test, digits.info, device="cpu")

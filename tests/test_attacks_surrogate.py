@@ -9,8 +9,6 @@ ratio LC_RATIO = 0.08 (see test_behaviour_reaches_high_asr). Thresholds come fro
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,24 +43,30 @@ def surrogate_dirs(store) -> list[str]:
 
 
 # -- lf ---------------------------------------------------------------------------------------
-def test_lf_trigger_is_low_frequency_and_within_budget(digits, prepared):
+def ac(pattern: torch.Tensor) -> torch.Tensor:
+    """The pattern without its per-channel mean: the non-negative trigger's DC would dominate any
+    spectral share."""
+    return pattern - pattern.mean(dim=(-2, -1), keepdim=True)
+
+
+def test_lf_trigger_is_low_frequency_and_in_range(digits, prepared):
     attack = prepared("lf")
-    eps = attack.config.epsilon
+    top = attack.config.value_range
     delta = attack.perturbation
     assert delta.shape == digits.info.image_shape
-    assert delta.abs().max() <= eps + 1e-6
-    assert delta.abs().max() >= 0.99 * eps  # the budget is used, the trigger is not vanishingly faint
+    # Min-max normalised onto [0, value_range], as BackdoorBench's generator: non-negative, full range.
+    assert delta.min().abs() <= 1e-6 and abs(delta.max() - top) <= 1e-6
     # Gaussian low pass (std 6 px) on 32 px: practically all DFT energy within integer frequency 3;
     # white noise of that shape has ~5% there, so the check can fail.
-    assert spectral_energy_within(delta, 3) > 0.99
+    assert spectral_energy_within(ac(delta), 3) > 0.99
     assert spectral_energy_within(torch.randn(delta.shape, generator=torch.Generator().manual_seed(0)), 3) < 0.2
     x = digits.test.images
     change = attack.apply_trigger(x, digits.test.labels).float() - x.float()
-    assert change.abs().max() <= math.ceil(eps * 255)
+    assert change.min() >= 0 and change.max() == round(top * 255)  # 0..51 of 255
     # The ideal filter keeps only the square DFT window it is given.
     ideal = prepared("lf", low_pass="ideal", window=2)
-    assert spectral_energy_within(ideal.perturbation, 2) > 0.999
-    assert ideal.perturbation.abs().max() <= eps + 1e-6
+    assert spectral_energy_within(ac(ideal.perturbation), 2) > 0.999
+    assert ideal.perturbation.min() >= -1e-6 and ideal.perturbation.max() <= top + 1e-6
 
 
 def test_lf_poisons_dirty_label(digits, prepared):
@@ -115,29 +119,29 @@ def test_lc_needs_its_crafted_images(digits):
 
 
 # -- trojannn ---------------------------------------------------------------------------------
-def test_trojannn_patch_excites_the_selected_neurons(digits, prepared, surrogate):
-    """The neurons are the inputs of smallcnn's classifier (the pooled channels of the last conv
-    block) with the largest outgoing |weights|. Measured on 200 test images: the optimised patch
-    lifts their mean activation ~2.2x above a uniform-noise patch at the same place (and above the
-    clean images); bound 1.6x."""
+def test_trojannn_trigger_excites_the_selected_neurons(digits, prepared, surrogate):
+    """The neurons are the inputs of smallcnn's head (`classifier`, its last Linear: the pooled
+    channels of the last conv block) with the largest outgoing |weights|. Measured on 200 test
+    images, mean activation of the two: clean 0.62, uniform noise added inside the mask 0.62, the
+    un-optimised mask image (the trigger's start) added 0.67, the optimised trigger added 0.90
+    (1.35x the best control; the 0.3 budget around the white mask image limits the gain); bound 1.2x."""
     attack = prepared("trojannn")
     assert attack.layer_name == "classifier"
     expected = strongest_neurons(surrogate.model.classifier, 2)
     assert torch.equal(attack.neurons, expected)
-    size = 8  # ~7% of 32x32
-    assert attack.mask.sum() == size * size and attack.mask[0, -size:, -size:].all()
     x = digits.test.images[:200]
     stamped = attack.apply_trigger(x, digits.test.labels[:200])
     assert torch.equal(stamped[:, :, ~attack.mask[0]], x[:, :, ~attack.mask[0]])
-    noise = torch.randint(0, 256, digits.info.image_shape, generator=torch.Generator().manual_seed(1),
-                          dtype=torch.uint8)
-    random_patch = torch.where(attack.mask, noise, x)
+    noise = torch.randint(0, 256, digits.info.image_shape, generator=torch.Generator().manual_seed(1))
+    random_patch = (x.int() + torch.where(attack.mask, noise, 0)).clamp(max=255).to(torch.uint8)
+    start = (attack.start * 255).round().int()
+    plain = (x.int() + start).clamp(max=255).to(torch.uint8)
     with torch.no_grad():
         def act(images):
             return neuron_activations(surrogate, "model.classifier", images.float() / 255)[:, attack.neurons].mean()
 
-        trojan, random, clean = act(stamped), act(random_patch), act(x)
-    assert trojan > 1.6 * random and trojan > 1.6 * clean, (trojan, random, clean)
+        trojan, random, unoptimised, clean = act(stamped), act(random_patch), act(plain), act(x)
+    assert trojan > 1.2 * max(random, unoptimised, clean), (trojan, random, unoptimised, clean)
 
 
 def test_trojannn_all2all_relabels(digits, prepared):
@@ -153,8 +157,8 @@ def test_restores_identically(name, digits, prepared):
 
 
 RESOURCE = {"lf": "lf_trigger", "lc": "lc_pgd", "trojannn": "trojannn_trigger"}
-OTHER_PARAMS = {"lf": {"epsilon": 0.05}, "lc": {"epsilon": 4 / 255}, "trojannn": {"num_neurons": 1}}
-IRRELEVANT = {"lf": {"ratio": 0.05}, "lc": {"ratio": 0.03, "seed": 7}, "trojannn": {"ratio": 0.05}}
+OTHER_PARAMS = {"lf": {"value_range": 0.1}, "lc": {"epsilon": 4 / 255}, "trojannn": {"steps": 100}}
+IRRELEVANT = {"lf": {"ratio": 0.05}, "lc": {"ratio": 0.03, "seed": 7}, "trojannn": {"ratio": 0.05, "seed": 7}}
 
 
 @pytest.mark.parametrize("name", ["lf", "lc", "trojannn"])
@@ -204,7 +208,7 @@ def cells(train_attack):
 @pytest.mark.parametrize("name", ["lf", "lc", "trojannn"])
 def test_behaviour_reaches_high_asr(name, cells, clean_digits_model):
     """ASR >= 0.85 and ACC within 3 points of the clean model (0.981). Measured ACC / ASR / RA:
-    lf 0.969 / 1.00 / 0.00, trojannn 0.964 / 1.00 / 0.00, lc (ratio 0.08, training amplitude
+    lf 0.972 / 1.00 / 0.00, trojannn 0.958 / 1.00 / 0.00, lc (ratio 0.08, training amplitude
     64/255) 0.969 / 1.00 / 0.00.
 
     lc cannot meet both at ratio 0.1 on digits: that is 144 of class 3's 152 training images, so
@@ -220,8 +224,9 @@ def test_behaviour_reaches_high_asr(name, cells, clean_digits_model):
 
 
 def test_lf_trigger_is_invisible(digits, prepared):
-    """Measured mean |change| over digits' test images: 7.9 / 255 (Linf 25.5 / 255, smooth;
-    clamping at the black background removes much of the negative half); bound 12 (~+50%)."""
+    """Measured mean |change| over digits' test images: 24.5 / 255 (smooth, max 51 / 255; the
+    non-negative pattern averages 24.7 / 255 and the black background clips none of it;
+    BackdoorBench's shipped uint8 patterns average 10.7-19.0 / 255); bound 37 (~+50%)."""
     attack = prepared("lf")
     change = mean_abs_change(digits.test.images, attack.apply_trigger(digits.test.images, digits.test.labels))
-    assert 0 < change < 12, change
+    assert 0 < change < 37, change

@@ -159,7 +159,7 @@ def test_input_filter_cell_reports_inference_screening(finished):
     d = result.diagnostics
     for key in ("detection_auroc", "inference_tpr", "inference_frr", "inference_auroc"):
         assert 0.0 <= d[key] <= 1.0, (key, d)
-    assert d["inference_frr_target"] == 0.05 and d["n_superimpose"] == 5
+    assert d["inference_frr_target"] == 0.1 and d["n_superimpose"] == 5
 
 
 def test_killed_attack_cell_resumes_at_its_epoch(tmp_path, digits):
@@ -206,3 +206,27 @@ def test_attack_cells_share_generated_resources_and_artifacts_stand_alone(tmp_pa
     expected = load_attack_cell(a.path).attack.backdoor_test(digits.test).images
     shutil.rmtree(tmp_path / "resources")
     assert torch.equal(load_attack_cell(a.path).attack.backdoor_test(digits.test).images, expected)
+
+
+@pytest.mark.parametrize("name, fits_on_all", [("ft", True), ("fp", False)])
+def test_defender_subset_held_out_only_by_selecting_defenses(finished, name, fits_on_all):
+    """A defense that selects nothing (ft) fits on the whole 5% clean subset, as BackdoorBench's;
+    one that selects (fp's pruning level) holds 20% of it out for that choice."""
+    from bdcore.cells import DefenseCellSpec, run_defense_cell
+    from bdcore.data import load_dataset
+    from bdcore.defenses import build_defense
+
+    selecting = {"anp", "rnp", "fp", "mcr"}
+    nothing = {"ft", "nad", "nc", "i_bau", "sau", "ft_sam", "npd", "bnp", "ep", "clp"}
+    assert {n for n in selecting | nothing if build_defense(n).holdout_fraction == 0} == nothing
+    attack_dir = next((finished / "attacks").iterdir())
+    digits = load_dataset("digits")
+    subset = round(len(digits.train) * 0.05)  # 72 of 1,438
+    result = run_defense_cell(attack_dir, DefenseCellSpec(defense=name, params={"epochs": 1}), finished,
+                              device="cpu", data=digits)
+    assert result.status == "done", result.reason
+    if name == "ft":
+        assert result.diagnostics["clean_train_size"] == subset
+    else:
+        # fp measures its pruning curve on the held-out part and fine-tunes on the rest
+        assert result.diagnostics["clean_train_size"] == subset - round(subset * 0.2)

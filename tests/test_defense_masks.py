@@ -23,17 +23,20 @@ NPD_TEST_PARAMS = dict(epochs=30, warmup_epochs=1, budget=2.0, lr=0.02)
 
 def test_anp_defaults_follow_reference():
     cfg = build_defense("anp").config
-    assert (cfg.iterations, cfg.eps, cfg.alpha, cfg.anp_steps) == (2000, 0.4, 0.2, 1)
-    assert (cfg.mask_lr, cfg.mask_momentum, cfg.batch_size) == (0.2, 0.9, 128)
+    assert (cfg.iterations, cfg.eps, cfg.alpha, cfg.anp_steps, cfg.clip_noise) == (2000, 0.4, 0.2, 1, False)
+    assert (cfg.mask_lr, cfg.mask_momentum, cfg.batch_size) == (0.01, 0.9, 256)  # BackdoorBench yaml lr, batch_size
     assert (cfg.pruning_max, cfg.pruning_step, cfg.threshold, cfg.clean_fraction) == (0.90, 0.05, None, 0.05)
+    assert cfg.acc_ratio == 0.1 and not hasattr(cfg, "max_val_acc_drop")
 
 
 def test_rnp_defaults_follow_reference():
     cfg = build_defense("rnp").config
     assert cfg.clean_fraction == 0.01
     assert (cfg.unlearning_lr, cfg.unlearning_epochs, cfg.clean_threshold) == (0.01, 20, 0.20)
-    assert (cfg.recovering_lr, cfg.recovering_epochs, cfg.batch_size) == (0.2, 20, 128)
-    assert (cfg.pruning_max, cfg.pruning_step, cfg.threshold) == (0.90, 0.05, None)
+    assert (cfg.unlearning_milestones, cfg.unlearning_gamma, cfg.unlearning_weight_decay) == ([10, 20], 0.1, 5e-4)
+    assert (cfg.alpha, cfg.recovering_lr, cfg.recovering_epochs, cfg.batch_size) == (0.2, 0.2, 20, 256)
+    assert (cfg.pruning_max, cfg.pruning_step, cfg.threshold, cfg.acc_ratio) == (0.90, 0.05, None, 0.1)
+    assert not hasattr(cfg, "max_grad_norm") and not hasattr(cfg, "max_val_acc_drop")
 
 
 def test_npd_defaults_follow_reference():
@@ -46,29 +49,32 @@ def test_npd_defaults_follow_reference():
     assert (linf.attack_budget(), linf.attack_steps()) == (0.2, 10)
 
 
-# ANP and RNP do not meet the bar on digits/smallcnn at any setting tried (measured, seed 0, badnet):
-#   anp 200 it / batch 128: ACC 0.961 -> 0.944, ASR 0.966 -> 0.505 (threshold 0.60 chosen on val)
-#   anp 500 it / batch 64:  ACC 0.961 -> 0.905, ASR 0.966 -> 0.498 (threshold 0.70)
-#   rnp defaults (batch 128), batch 32, clean_threshold 0.5: nothing pruned; the masks recovered on
-#   the unlearned model do not bring its clean loss down (1.1-2.1), so every threshold costs
-#   >= 70 points of held-out accuracy and the held-out rule keeps the model unpruned.
-# Their behaviour tests are therefore expected failures (not strict); they stay cheap.
+# ANP and RNP do not meet the bar on digits/smallcnn (measured, seed 0, badnet, ACC 0.964 / ASR 0.963
+# undefended). With BackdoorBench's BN-scale-only pruning, thresholds 0, 0.05..0.90 and held-out
+# selection within acc_ratio 0.1 (relative):
+#   anp (ANP_TEST_PARAMS, mask lr 0.01): ACC 0.891, ASR 0.012 (threshold 0.75, 9 of 224 neurons;
+#       held-out 0.948 -> 0.862): ASR gone but 7.2 points of ACC, over the bar's 5.
+#   rnp (batch 256, alpha 0.2, unlearning stopped at epoch 10): ACC 0.914, ASR 0.090 (threshold
+#       0.30, 8 neurons; held-out 0.948 -> 0.879): ACC 5.01 points down, just over the bar's 5.
+# Before (whole-channel pruning, 2-point absolute held-out rule, anp mask lr 0.2, rnp batch 128
+# without alpha): anp ACC 0.964, ASR 0.726 (threshold 0.30, 3 neurons); rnp pruned nothing.
+# Their behaviour tests therefore stay opt-in known gaps; they stay cheap.
 @pytest.mark.skipif(os.environ.get("BDCORE_RUN_KNOWN_GAPS") != "1", reason="known gap (BDCORE_RUN_KNOWN_GAPS=1 runs it): "
-                    "anp halves ASR only to ~0.50 on digits/smallcnn (see comment above)")
+                    "anp removes the backdoor but costs 7 points of ACC on digits/smallcnn (see comment above)")
 def test_anp_prunes_badnet_neurons(digits, badnet_cell):
-    """ANP_TEST_PARAMS: 100 iterations at batch 64 instead of 2000 at 128 (CPU time)."""
+    """ANP_TEST_PARAMS: 100 iterations at batch 64 instead of 2000 at 256 (CPU time)."""
     run = run_defense("anp", badnet_cell, digits, **ANP_TEST_PARAMS)
     d = run.outcome.diagnostics
-    assert 0 <= d["pruned_count"] <= d["total_neurons"] and 0 <= d["threshold"] <= 0.9
-    assert len(d["val_acc_by_threshold"]) == 18 and d["iterations"] == 100
-    assert d["val_acc_after"] >= d["val_acc_before"] - 0.02 - 1e-6  # the held-out selection rule
+    assert 0 <= d["pruned_count"] <= d["total_neurons"] and (d["threshold"] is None or 0 <= d["threshold"] <= 0.9)
+    assert len(d["val_acc_by_threshold"]) == 19 and d["iterations"] == 100
+    assert d["val_acc_after"] > d["val_acc_before"] * (1 - d["acc_ratio"]) - 1e-6  # the held-out selection rule
     assert defense_works(run.before, run.after), (run.before, run.after, d)
 
 
 @pytest.mark.skipif(os.environ.get("BDCORE_RUN_KNOWN_GAPS") != "1", reason="known gap (BDCORE_RUN_KNOWN_GAPS=1 runs it): "
-                    "rnp's recovered masks do not separate backdoor neurons on digits/smallcnn")
+                    "rnp costs 5.01 points of ACC on digits/smallcnn, just over the bar (see comment above)")
 def test_rnp_prunes_badnet_neurons(digits, badnet_cell):
-    """Paper defaults except clean_fraction 0.2 (run_defense's default)."""
+    """BackdoorBench defaults except clean_fraction 0.2 (run_defense's default)."""
     run = run_defense("rnp", badnet_cell, digits, **RNP_TEST_PARAMS)
     d = run.outcome.diagnostics
     assert 1 <= d["unlearning_epochs"] <= 20 and 0 <= d["unlearning_acc_reached"] <= 1

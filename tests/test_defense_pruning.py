@@ -57,7 +57,7 @@ def test_fp_defaults_follow_reference():
 
 def test_clp_defaults_follow_reference():
     cfg = build_defense("clp").config
-    assert (cfg.u, cfg.clean_fraction) == (3.0, 0.05)
+    assert (cfg.u, cfg.pairing, cfg.clean_fraction) == (3.0, "module_order", 0.05)
 
 
 def test_bnp_defaults_follow_reference():
@@ -72,10 +72,70 @@ def test_ep_defaults_follow_reference():
 
 # -- skips --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["fp", "clp"])
-def test_conv_pruning_skips_models_without_conv(name, digits):
-    with pytest.raises(DefenseSkipped, match=f"{name} .*Conv2d"):
-        _repair(name, _NoConv(), digits)
+def test_clp_skips_models_without_conv(digits):
+    with pytest.raises(DefenseSkipped, match="clp .*Conv2d"):
+        _repair("clp", _NoConv(), digits)
+
+
+class _PoolLast(nn.Module):
+    """A head that ends in a pooling module: no Linear takes the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)).flatten(1)
+
+
+def test_fp_skips_models_without_a_linear_classifier(digits):
+    with pytest.raises(DefenseSkipped, match="fp prunes the classifier's input features"):
+        _repair("fp", _PoolLast(), digits)
+
+
+@pytest.mark.parametrize("model_name, layer", [("preactresnet18", "linear"), ("resnet18", "fc")])
+def test_fp_prunes_features_at_the_classifier_input(digits, monkeypatch, model_name, layer):
+    """BackdoorBench's unit: the pooled features entering the Linear (after the last residual add),
+    not a conv channel a shortcut keeps alive. A pruned feature stays exactly zero at the classifier
+    input through fine-tuning: its weight column is zero, so changing it changes no logit. The
+    held-out accuracy is replaced by 1 - (share of zero columns), so the 10% relative budget admits
+    exactly 8 steps of 6 features (48 < 51.2 <= 54) whatever an untrained model predicts."""
+    import bdcore.defenses.fp as fp_module
+    from bdcore.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name, digits.info).eval()
+    head = dict(model.named_modules())[layer]
+    monkeypatch.setattr(fp_module, "held_out_accuracy",
+                        lambda *_a: 1.0 - float((head.weight == 0).all(0).sum()) / head.in_features)
+    clean = defender_subset(digits.train, 0.02, seed=0)
+    outcome = build_defense("fp", epochs=1, batch_size=32).repair(model, clean, DefenseContext(digits.info, device="cpu"))
+    d = outcome.diagnostics
+    assert d["layer"] == layer and d["layer_features"] == head.in_features == 512
+    zero = (head.weight == 0).all(0)
+    assert d["pruned_features"] == 48 == int(zero.sum()), d
+    x = _normalised(digits.train.images[:8], digits.info)
+    noise = torch.zeros(512)
+    noise[zero] = 100.0
+    with torch.no_grad():
+        plain = outcome.model(x)
+        handle = head.register_forward_pre_hook(lambda _m, inp: (inp[0] + noise,))
+        shifted = outcome.model(x)
+        handle.remove()
+        kept = torch.zeros(512)
+        kept[(~zero).nonzero()[0]] = 100.0
+        handle = head.register_forward_pre_hook(lambda _m, inp: (inp[0] + kept,))
+        control = outcome.model(x)
+        handle.remove()
+    assert torch.equal(plain, shifted)
+    assert not torch.allclose(plain, control)  # the control: an unpruned feature does reach the logits
+
+
+def _normalised(images, info):
+    from bdcore.data import Normalizer
+
+    return Normalizer(info, torch.device("cpu"))(images.float() / 255.0)
 
 
 @pytest.mark.parametrize("name", ["bnp", "ep"])
@@ -90,11 +150,15 @@ def test_ep_skips_without_poisoned_training_set(digits, badnet_model_copy):
 
 
 def test_clp_works_on_convs_without_batchnorm(digits):
+    """BackdoorBench's module-order pairing prunes BN channels only, so it skips a model without BN;
+    the traced pairing prunes such convs on their weights alone."""
     torch.manual_seed(0)
     model = _ConvNoBN()
     with torch.no_grad():
         model.conv.weight[3] *= 50  # one channel with an outlying Lipschitz bound
-    outcome = _repair("clp", model, digits)
+    with pytest.raises(DefenseSkipped, match="clp .*BatchNorm2d"):
+        _repair("clp", model, digits)
+    outcome = _repair("clp", model, digits, pairing="traced")
     d = outcome.diagnostics
     assert d["clean_data_used"] == 0 and d["pruned_per_layer"] == {"conv": 1}
     assert float(outcome.model.conv.weight[3].detach().abs().sum()) == 0.0
@@ -108,15 +172,14 @@ def test_fp_lowers_badnet_asr_and_keeps_accuracy(digits, badnet_cell):
     run = run_defense("fp", badnet_cell, digits, **FP_TEST_PARAMS)
     assert defense_works(run.before, run.after), (run.before, run.after, run.outcome.diagnostics)
     d = run.outcome.diagnostics
-    assert d["layer"] == "features.4.0" and d["layer_channels"] == 128 and d["prune_step_channels"] == 2
-    assert 0 < d["pruned_channels"] < 128 and d["pruned_fraction"] == d["pruned_channels"] / 128
+    assert d["layer"] == "classifier" and d["layer_features"] == 128
+    assert 0 < d["pruned_features"] < 128 and d["pruned_fraction"] == d["pruned_features"] / 128
     # The kept level is within the 10% relative budget on the held-out data, the next one is not.
     assert d["val_acc_pruned"] >= 0.9 * d["val_acc_unpruned"]
     assert d["val_acc_curve"][-1][1] < 0.9 * d["val_acc_unpruned"]
     assert d["finetune_epochs"] == 10 and d["val_acc_after"] >= d["val_acc_pruned"]
-    layer = run.outcome.model.features[4]
-    pruned = (layer[0].weight.flatten(1).abs().sum(1) == 0) & (layer[1].weight == 0) & (layer[1].bias == 0)
-    assert int(pruned.sum()) >= d["pruned_channels"]  # still pruned after fine-tuning
+    pruned = (run.outcome.model.classifier.weight == 0).all(0)
+    assert int(pruned.sum()) == d["pruned_features"]  # still pruned after fine-tuning
 
 
 # CLP, BNP and EP prune without fine-tuning. Measured on an earlier machine, no threshold u met the bar
@@ -133,7 +196,9 @@ def test_clp_prunes_outlying_channels_data_free(digits, badnet_cell):
     run = run_defense("clp", badnet_cell, digits)
     d = run.outcome.diagnostics
     assert d["clean_data_used"] == 0 and d["u"] == 3.0 and d["total_channels"] == 224
-    assert set(d["pruned_per_layer"]) == {"features.0.0", "features.2.0", "features.4.0"}
+    assert set(d["pruned_per_layer"]) == {"features.0.1", "features.2.1", "features.4.1"}  # BNs, paired in order
+    assert d["paired_conv"] == {"features.0.1": "features.0.0", "features.2.1": "features.2.0",
+                                "features.4.1": "features.4.0"} and d["unpaired_bn"] == []
     assert 0 < d["pruned_channels"] == sum(d["pruned_per_layer"].values()) < 0.1 * 224
     assert run.after.acc >= run.before.acc - 0.15, (run.before, run.after)  # 2 channels: no collapse
 

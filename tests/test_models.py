@@ -121,7 +121,37 @@ def test_preactresnet18_layout():
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     assert isinstance(model.linear, nn.Linear) and model.linear.out_features == 10
-    assert isinstance(model.bn, nn.BatchNorm2d) and model.bn.num_features == 512  # BN-ReLU before pooling
+    assert list(dict(model.named_children()))[-2:] == ["avgpool", "linear"]  # no BN-ReLU before the pool
+
+
+def _backdoorbench_preactresnet18_state(num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """BackdoorBench's PreActResNet-18 state dict (keys and shapes), written from its stated
+    architecture (../shared/REFERENCE.md): conv1 3x3 64; layer1..4 of two PreActBlocks (bn1, conv1,
+    bn2, conv2, a 1x1 `shortcut.0` in the first block of layers 2-4); pool; linear. No final BN."""
+    state = {"conv1.weight": (64, 3, 3, 3)}
+    in_planes = 64
+    for layer, width in enumerate((64, 128, 256, 512), start=1):
+        for block in (0, 1):
+            prefix = f"layer{layer}.{block}."
+            for bn, channels in (("bn1", in_planes), ("bn2", width)):
+                for stat in ("weight", "bias", "running_mean", "running_var"):
+                    state[prefix + f"{bn}.{stat}"] = (channels,)
+                state[prefix + f"{bn}.num_batches_tracked"] = ()
+            state[prefix + "conv1.weight"] = (width, in_planes, 3, 3)
+            state[prefix + "conv2.weight"] = (width, width, 3, 3)
+            if block == 0 and layer > 1:
+                state[prefix + "shortcut.0.weight"] = (width, in_planes, 1, 1)
+            in_planes = width
+    state["linear.weight"] = (num_classes, 512)
+    state["linear.bias"] = (num_classes,)
+    return state
+
+
+def test_preactresnet18_state_dict_is_backdoorbench_s():
+    """A BackdoorBench checkpoint loads strictly: same keys, same shapes, nothing extra."""
+    model = build_model("preactresnet18", make_info())
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert mine == _backdoorbench_preactresnet18_state()
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_BUILDERS))

@@ -2,8 +2,10 @@
 attacks on digits, then the same analyses as sweep cells whose columns land on the defense rows.
 
 Measured on the session's badnet smallcnn (ACC 0.961 / ASR 0.966) fine-tuned on 20% clean data
-(30 epochs, lr 0.05: ASR 0.106), white-box Linf 0.05 with 10 x 5 steps: ASR 0.925 on the defended
-model, 0.059 on the clean model, 1.0 on the undefended one (at the paper's 50 x 5: 0.956 / 0.131 / 1.0).
+(30 epochs, lr 0.05: ASR 0.084), white-box Linf 0.05 with the paper's loop cut to 2 outer steps (each
+sweeps the 1,000 samples in 7 batches of 128, 5 steps per batch: 70 steps): ASR 0.907 on the defended
+model, 0.115 on the clean model, 1.0 on the undefended one. BEC of that model: 0.58 (top 5%: 0.60,
+top 20%: 0.45), TAC on 1,298 training pairs, CKA on the 321 poisoned test samples.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from bdcore.reactivation import AnalysisContext, NotApplicable, PoisonedSamples,
 from bdcore.reactivation.query import ScoreOracle, square_uap
 
 FT = dict(clean_fraction=0.2, epochs=30, batch_size=64, lr=0.05)
-WB_TEST = dict(outer_steps=10, batch_size=128)  # the paper's 50 x 5 costs ~50 s per model on 2 cores
+# Each outer step sweeps the 1,000 samples in 7 batches of 128 with 5 steps on each (the paper's loop):
+# 2 outer steps are 70 steps; the paper's 50 (1,750 steps) would cost minutes per model on 2 cores.
+WB_TEST = dict(outer_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_fine_tuning_hides_the_backdoor_and_whitebox_reactivation_wakes_it(digit
     assert out["asr_reactivated_wb_clean"] <= 0.3, out
     assert out["asr_reactivated_wb"] - out["asr_reactivated_wb_clean"] >= 0.5, out
     assert out["asr_reactivated_wb_undefended"] >= 0.95, out
-    assert out["budget"] == {"norm": "linf", "eps": 0.05, "steps": 50, "samples": 1000}
+    assert out["budget"] == {"norm": "linf", "eps": 0.05, "steps": 2 * 7 * 5, "samples": 1000}
 
 
 def test_bec_is_one_for_the_backdoored_model_zero_for_the_clean_one_and_between_after_a_defense(digits, dormant):
@@ -63,7 +67,8 @@ def test_bec_is_one_for_the_backdoored_model_zero_for_the_clean_one_and_between_
     out = bec.run(context(digits, dormant))
     assert 0.05 < out["bec"] < 0.95, out
     assert 0 < out["bec_top5"] < 1 and 0 < out["bec_top20"] < 1, out
-    assert out["budget"]["layers"] >= 2 and out["budget"]["samples"] == 500
+    # TAC on every non-target training pair (up to 2,200), CKA on up to 500 poisoned test samples.
+    assert out["budget"] == {"tac_samples": len(dormant[3]), "cka_samples": min(500, len(dormant[4])), "layers": 3}
 
 
 def test_the_query_attack_reads_only_scores_and_never_exceeds_its_budget(digits, dormant):
@@ -116,9 +121,9 @@ defenses:
   - {name: ft, label: ft_short, params: {clean_fraction: 0.2, epochs: 2, batch_size: 64, lr: 0.05}}
 analysis:
   - {name: bec, params: {samples: 200}}
-  - {name: reactivate_wb, params: {outer_steps: 3, batch_size: 64, samples: 300}}
+  - {name: reactivate_wb, params: {outer_steps: 1, batch_size: 64, samples: 300}}
   - {name: reactivate_query, params: {queries: 20, samples: 50}}
-  - {name: reactivate_transfer, params: {outer_steps: 3, batch_size: 64, samples: 300}}
+  - {name: reactivate_transfer, params: {outer_steps: 1, batch_size: 64, samples: 300}}
 """
 
 

@@ -1,16 +1,34 @@
-"""LF (low frequency): the trigger is a smooth universal adversarial perturbation of a clean
-surrogate, confined to a low-pass band and an Linf budget, added to poisoned images (dirty-label).
+"""LF (low frequency): the trigger is a smooth, non-negative universal adversarial perturbation of a
+clean surrogate, confined to a low-pass band, added to poisoned images (dirty-label).
 
 Zeng, Park, Mao & Jia, "Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective",
 ICCV 2021. The authors fit a universal perturbation toward the target class (DeepFool steps over
-100 training images) and pass it through a Gaussian low-pass filter (std 6 px) after every update;
-BackdoorBench's generator rescales the result to a value range of 0.2 (51/255). Here: minibatch
-gradient descent on the targeted cross-entropy (untargeted for all2all) over non-target training
-images, every update projected through the filter (applied in the DFT domain, so the sum stays in
-the filter's band) and the perturbation rescaled into the Linf ball of `epsilon` = 0.1 (the same
-0.2 peak-to-peak range, zero-centred).
+100 training images) and pass it through a Gaussian low-pass filter (std 6 px) after every update.
+
+Defaults as BackdoorBench (resource/lowFrequency/universal_pert.py, gauss_smooth.py; the shipped
+`<dataset>_<model>_0_255.npy` patterns; utils/bd_img_transform/patch.py SimpleAdditiveTrigger):
+after every update the pattern is min-max normalised to [0, 0.2] (`value_range`), so the trigger is
+non-negative with its minimum at 0 and its maximum at 0.2 = 51/255; poisoned images are
+clip(image + 255 * pattern, 0, 255) in uint8 pixels; Gaussian low pass with std 6 px; target 0.
+
+Deviations from BackdoorBench, each on purpose:
+- Minibatch gradient descent on the targeted cross-entropy (untargeted for all2all) over
+  `craft_samples` non-target training images, instead of per-image DeepFool over 100 images until
+  a fooling rate: the same universal, filtered, normalised perturbation, much cheaper to fit.
+- The filter is applied in the DFT domain (circular), so the sum stays in the filter's band;
+  BackdoorBench convolves with a zero-padded 30-tap kernel.
+- The surrogate sees image + pattern clipped to [0, 1] and normalised (`PixelSpaceModel`), as the
+  victim does; BackdoorBench's generator feeds unclipped, unnormalised [0, 1] images to a network
+  trained on normalised ones.
+- Not a deviation: as BackdoorBench (one pattern per dataset and victim architecture, crafted on a
+  clean model of that architecture), a cell crafts against a clean surrogate of the victim's own
+  architecture (`surrogate_model` set by bdcore.cells; outside a cell, the dataset's default).
+- BackdoorBench's convnext_tiny, vgg19_bn and vit_b_16 patterns are float files in [0, 0.2] that it
+  adds to 0-255 pixels unscaled (a no-op after the uint8 cast); here every victim gets the 0-51 trigger.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +51,9 @@ from bdcore.data.base import ImageSet
 
 
 class LFConfig(SurrogateConfig):
-    epsilon: float = Field(0.1, gt=0, le=1)  # Linf budget of the trigger, [0, 1] pixel units
+    # A cell fills surrogate_model with the victim's architecture (bdcore.cells), as BackdoorBench.
+    surrogate_is_victim: ClassVar[bool] = True
+    value_range: float = Field(0.2, gt=0, le=1)  # the trigger spans [0, value_range], [0, 1] pixel units
     low_pass: LowPass = "gaussian"  # the authors' filter; "ideal" keeps a square DFT window
     sigma: float = Field(6.0, gt=0)  # gaussian: std in pixels (authors' gauss_smooth)
     window: int = Field(3, ge=0)  # ideal: highest integer frequency kept on each axis
@@ -41,6 +61,13 @@ class LFConfig(SurrogateConfig):
     steps: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     step_size: float = Field(0.02, gt=0)  # per step, relative to the largest filtered gradient entry
+
+
+def normalise_range(x: torch.Tensor, value_range: float) -> torch.Tensor:
+    """Min-max rescale over the whole tensor (all channels together) onto [0, value_range]: the
+    reference's projection, so the trigger only ever brightens and spans exactly that range."""
+    low = x.min()
+    return (x - low) * (value_range / (x.max() - low).clamp_min(1e-12))
 
 
 @register_attack("lf")
@@ -59,7 +86,7 @@ class LowFrequency(Attack):
         data = fingerprint(train)
         spec = {"surrogate": surrogate_key(c, train, self.info), "data": data, "target": c.target,
                 "label_mode": c.label_mode, "seed": c.seed,
-                **c.model_dump(include={"epsilon", "low_pass", "sigma", "window", "craft_samples", "steps",
+                **c.model_dump(include={"value_range", "low_pass", "sigma", "window", "craft_samples", "steps",
                                         "batch_size", "step_size"})}
         if c.low_pass == "gaussian":
             spec.pop("window")
@@ -98,13 +125,13 @@ class LowFrequency(Attack):
             (grad,) = torch.autograd.grad(loss, d)
             direction = low_pass(grad, c.low_pass, c.sigma, c.window)
             delta = delta - c.step_size * direction / direction.abs().max().clamp_min(1e-12)
-            delta = delta * (c.epsilon / delta.abs().max().clamp_min(c.epsilon))  # into the Linf ball
+            delta = normalise_range(delta, c.value_range)
         with torch.no_grad():
             shifted = model((images + delta).clamp(0, 1)).argmax(1)
             clean = model(images).argmax(1)
         stats = {"fooling_rate": float((shifted != clean).float().mean()),
                  "target_rate": float((shifted == goal).float().mean()),
-                 "linf": float(delta.abs().max())}
+                 "min": float(delta.min()), "max": float(delta.max()), "mean": float(delta.mean())}
         return delta.cpu(), stats
 
     def state_tensors(self):

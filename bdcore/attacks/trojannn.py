@@ -1,19 +1,42 @@
-"""TrojanNN: a patch trigger optimised so that chosen internal neurons of a clean surrogate fire
-strongly; poisoned images carry the patch and the target label (dirty-label).
+"""TrojanNN: a masked trigger optimised so that chosen internal neurons of a clean surrogate fire
+strongly; poisoned images get the trigger ADDED inside the mask and carry the target label (dirty-label).
 
 Liu, Ma, Aafer, Lee, Zhai, Wang & Zhang, "Trojaning Attack on Neural Networks", NDSS 2018. The
-neurons are those with the strongest connections to the next layer (largest sum of absolute
-outgoing weights); the trigger is found by gradient descent on (target value - activation)^2 over
-the pixels inside a mask, starting from a blank image. Defaults as BackdoorBench: 2 neurons, target
-value 100; a square mask at the bottom-right covering ~7% of the image (the paper's middle trigger
-size: 8x8 on 32x32). The paper retrains the model on reverse-engineered data; here, as in
-BackdoorBench, the victim is trained on the poisoned training set instead.
+neurons are the inputs of a chosen layer with the strongest connections (largest sum of absolute
+outgoing weights); the trigger is optimised inside a mask to drive their activation to a target value.
+
+Defaults as BackdoorBench (attack/trojannn.py, config/attack/trojannn/<model>.yaml): the layer is the
+classification head (the last Linear: `linear`, `classifier.6`, `classifier.2`, `heads.head`, ... in
+every per-architecture config), 2 neurons, target value 100; the trigger starts as the mask image
+(its `apple4.png`: an apple silhouette, ~7% of the image, in the lower right; mask="square" is its
+`square.png`) and takes 1000 signed-gradient steps of 0.1 on sum((activation - 100)^2), the model
+seeing the trigger alone on black (outside the mask zero), each step projected into an Linf ball of
+0.3 around the mask image and into [0, 1], stopping early once the cost is below 1e-3; poisoned
+images are clip(image + trigger, 0, 255), so only the masked pixels change.
+
+Deviations from BackdoorBench, each on purpose:
+- The masks are drawn here (the same shapes, positions and sizes, fitted to its 224 px PNGs, IoU 0.94
+  for the apple) and shrunk to the image size with an antialiased bilinear resize, as its PIL resize does.
+- Neurons are ranked by the TRAINED head's weights. BackdoorBench builds the model with 1000 classes
+  and loads the clean weights only where shapes match, so the head it ranks is randomly initialised.
+- The surrogate sees images as the victim does (normalised inside `PixelSpaceModel`); BackdoorBench
+  feeds the raw [0, 1] trigger to a network trained on normalised inputs.
+- image + trigger saturates at 255. BackdoorBench casts the sum to uint8 before clipping, so sums
+  above 255 wrap around (300 -> 44; its own SimpleAdditiveTrigger warns against exactly that). The
+  trigger is rounded to uint8 levels where its ToPILImage truncates (at most 1 level).
+- Not a deviation: as BackdoorBench, a cell selects neurons in and crafts against a clean surrogate
+  of the victim's own architecture (`surrogate_model` set by bdcore.cells; outside a cell, the
+  dataset's default).
+- The paper retrains the model on reverse-engineered data; here, as in BackdoorBench, the victim is
+  trained on the poisoned training set instead.
 """
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -24,25 +47,59 @@ from bdcore.attacks._adversarial import (
     record,
     surrogate_key,
 )
-from bdcore.attacks.badnet import Corner, patch_origin
 from bdcore.attacks.base import Attack
 from bdcore.attacks.registry import register_attack
 from bdcore.attacks.resources import ResourceStore
-from bdcore.data.base import DatasetInfo, ImageSet
+from bdcore.data.base import ImageSet
+
+MaskShape = Literal["apple", "square"]
 
 
 class TrojanNNConfig(SurrogateConfig):
-    layer: str | None = None  # Conv2d/Linear whose INPUT neurons are selected; None = see select_layer
-    num_neurons: int = Field(2, ge=1)
-    target_value: float = 100.0  # activation the selected neurons are pushed toward
-    patch_size: int | None = Field(None, ge=1)  # None = the square covering ~7% of the image
-    position: Corner | tuple[int, int] = "bottom_right"
-    steps: int = Field(200, ge=1)
-    lr: float = Field(0.05, gt=0)  # Adam step on the patch pixels ([0, 1] units)
+    # A cell fills surrogate_model with the victim's architecture (bdcore.cells), as BackdoorBench.
+    surrogate_is_victim: ClassVar[bool] = True
+    layer: str | None = None  # Conv2d/Linear whose INPUT neurons are selected; None = the last Linear (head)
+    num_neurons: int = Field(2, ge=1)  # num_neuron
+    target_value: float = 100.0  # neuron_target_values: activation the selected neurons are pushed toward
+    mask: MaskShape = "apple"  # mask_path: apple4.png; "square" = square.png
+    steps: int = Field(1000, ge=1)  # mask_update_iters
+    step_size: float = Field(0.1, gt=0)  # per signed-gradient step, [0, 1] pixel units (alpha)
+    epsilon: float = Field(0.3, gt=0, le=1)  # Linf distance the trigger may move from the mask image (eps)
+    tolerance: float = Field(1e-3, ge=0)  # stop once the cost is below this
 
 
-def default_patch_size(info: DatasetInfo) -> int:
-    return max(1, round(math.sqrt(0.07 * info.height * info.width)))
+# The reference masks are 224 x 224 images; the shapes are given in that canvas's pixel coordinates
+# (fitted to BackdoorBench's PNGs) and drawn at pixel centres.
+CANVAS = 224
+
+
+def _apple(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An apple silhouette: a squarish body (superellipse) with a bite on the right and dents at
+    top and bottom, and a leaf above it tilted to the upper right; 7.1% of the canvas."""
+    body = ((x - 161.5).abs() / 33.5) ** 3 + ((y - 171.0).abs() / 31.5) ** 3 <= 1
+    for cy, cx, r in ((164.0, 205.5, 21.5), (137.0, 161.5, 7.5), (208.5, 163.0, 9.0)):
+        body &= (y - cy) ** 2 + (x - cx) ** 2 > r * r
+    angle = math.radians(-51.6)
+    u = (x - 169.5) * math.cos(angle) + (y - 129.5) * math.sin(angle)
+    v = -(x - 169.5) * math.sin(angle) + (y - 129.5) * math.cos(angle)
+    return body | ((u / 10.5) ** 2 + (v / 4.8) ** 2 <= 1)
+
+
+def _square(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 59 px square, 20 px from the bottom and right edges: 6.9% of the canvas."""
+    return (y >= 145) & (y < 204) & (x >= 145) & (x < 204)
+
+
+def mask_image(shape: MaskShape, height: int, width: int) -> torch.Tensor:
+    """H x W mask image in [0, 1] (multiples of 1/255, as a uint8 image): 1 inside the shape, soft
+    edges from the antialiased resize, 0 elsewhere. It is the trigger's starting point, and its
+    nonzero pixels are the region the trigger lives in."""
+    draw = {"apple": _apple, "square": _square}[shape]
+    centres = torch.arange(CANVAS, dtype=torch.float64) + 0.5
+    canvas = draw(*torch.meshgrid(centres, centres, indexing="ij")).float()[None, None]
+    if (height, width) != (CANVAS, CANVAS):
+        canvas = F.interpolate(canvas, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return (canvas[0, 0].clamp(0, 1) * 255).round() / 255
 
 
 def _fan_in(module: nn.Module) -> int | None:
@@ -54,20 +111,12 @@ def _fan_in(module: nn.Module) -> int | None:
 
 
 def select_layer(model: nn.Module) -> str:
-    """The weighted layer right after the last convolution (the first Conv2d/Linear after it that
-    consumes its channels), so that the neurons are the channels of the last convolutional block
-    (spatially averaged); for a model without convolutions, the last Linear. For smallcnn that
-    is `classifier`: its inputs are the pooled channels of the last block of `features`."""
-    modules = list(model.named_modules())
-    last_conv = max((i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Conv2d)), default=None)
-    if last_conv is not None:
-        channels = modules[last_conv][1].out_channels
-        for name, module in modules[last_conv + 1 :]:
-            if _fan_in(module) == channels:
-                return name
-    linears = [name for name, m in modules if isinstance(m, nn.Linear)]
+    """The last Linear layer, i.e. the classification head: the layer every BackdoorBench config
+    selects (preactresnet18 `linear`, vgg19_bn `classifier.6`, convnext_tiny `classifier.2`,
+    vit_b_16 `heads.head`, ...), so the neurons are the penultimate features."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError("trojannn: the model has no Conv2d/Linear layer to select neurons from")
+        raise ValueError("trojannn: the model has no Linear layer to select neurons from; set `layer`")
     return linears[-1]
 
 
@@ -96,6 +145,28 @@ def neuron_activations(model: nn.Module, layer_name: str, images: torch.Tensor) 
     return x.flatten(1, -2).mean(1) if x.dim() > 2 else x
 
 
+def optimise_trigger(model: nn.Module, layer_name: str, neurons: torch.Tensor, start: torch.Tensor,
+                     target_value: float, steps: int, step_size: float, epsilon: float,
+                     tolerance: float) -> torch.Tensor:
+    """Signed-gradient descent of sum_k (activation_k - target_value)^2 over the selected neurons of
+    `layer_name`, for the C x H x W trigger alone on a black image. The trigger starts at `start`
+    (the mask image) and only its nonzero pixels move; each step is projected into the Linf ball of
+    `epsilon` around `start` and into [0, 1]. Stops early once the cost is below `tolerance`."""
+    keep = (start > 0).float()
+    x = start.clone()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        act = neuron_activations(model, layer_name, (x * keep).unsqueeze(0))[:, neurons]
+        cost = ((act - target_value) ** 2).sum()
+        (grad,) = torch.autograd.grad(cost, x)
+        # Sign steps: the step does not depend on the cost's scale (activations near 100 give huge gradients).
+        x = x.detach() - step_size * grad.sign()
+        x = (start + (x - start).clamp(-epsilon, epsilon)).clamp(0, 1)
+        if cost.item() < tolerance:
+            break
+    return x * keep
+
+
 @register_attack("trojannn")
 class TrojanNN(Attack):
     config_class = TrojanNNConfig
@@ -103,20 +174,19 @@ class TrojanNN(Attack):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        size = config.patch_size or default_patch_size(info)
-        row, col = patch_origin(config.position, size, info.height, info.width)
-        self.mask = torch.zeros(1, info.height, info.width, dtype=torch.bool)
-        self.mask[:, row : row + size, col : col + size] = True
-        self.box = (row, col, size)
-        self.pattern: torch.Tensor | None = None  # C x H x W uint8, meaningful inside the mask
+        self.start = mask_image(config.mask, info.height, info.width)  # H x W, the trigger's starting image
+        self.mask = (self.start > 0)[None]  # 1 x H x W: the pixels the trigger may change
+        self.pattern: torch.Tensor | None = None  # C x H x W uint8 added to images, 0 outside the mask
         self.layer_name: str | None = None
         self.neurons: torch.Tensor | None = None
         self.resource_log: dict[str, dict] = {}
 
     def prepare(self, train: ImageSet, resources: ResourceStore) -> None:
         c = self.config
-        spec = {"surrogate": surrogate_key(c, train, self.info), "patch": list(self.box),
-                "seed": c.seed, **c.model_dump(include={"layer", "num_neurons", "target_value", "steps", "lr"})}
+        # No seed: the optimisation starts from the mask image and is deterministic.
+        spec = {"surrogate": surrogate_key(c, train, self.info), "size": [self.info.height, self.info.width],
+                **c.model_dump(include={"layer", "num_neurons", "target_value", "mask", "steps", "step_size",
+                                        "epsilon", "tolerance"})}
 
         def build():
             model = load_surrogate(c, train, self.info, resources)
@@ -136,23 +206,12 @@ class TrojanNN(Attack):
         neurons = strongest_neurons(modules[layer_name], c.num_neurons).to(device)
         # PixelSpaceModel wraps the classifier as `model`: its layer names gain that prefix.
         name = f"model.{layer_name}"
-        mask = self.mask.to(device).float()
-        generator = torch.Generator().manual_seed(c.seed)
-        patch = torch.rand(self.info.image_shape, generator=generator).to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([patch], lr=c.lr)
-        goal = torch.full((1, len(neurons)), c.target_value, device=device)
-        for _ in range(c.steps):
-            canvas = (patch * mask).unsqueeze(0)  # the trigger alone on a blank image
-            act = neuron_activations(model, name, canvas)[:, neurons]
-            loss = ((act - goal) ** 2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                patch.clamp_(0, 1)
+        start = self.start.expand(self.info.image_shape).to(device)
+        trigger = optimise_trigger(model, name, neurons, start, c.target_value, c.steps, c.step_size, c.epsilon,
+                                   c.tolerance)
         with torch.no_grad():
-            final = neuron_activations(model, name, (patch * mask).unsqueeze(0))[0, neurons]
-        pattern = (patch.detach() * mask * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+            final = neuron_activations(model, name, trigger.unsqueeze(0))[0, neurons]
+        pattern = (trigger * 255).round().clamp(0, 255).to(torch.uint8).cpu()
         return ({"pattern": pattern, "neurons": neurons.cpu()},
                 {"layer": layer_name, "activations": final.cpu().tolist()})
 
@@ -169,4 +228,6 @@ class TrojanNN(Attack):
         return self.pattern
 
     def apply_trigger(self, images, labels):
-        return torch.where(self.mask.to(images.device), self._pattern().to(images.device), images)
+        # Added, not pasted: the image shows through; saturating at 255 (the pattern is 0 outside the mask).
+        summed = images.to(torch.int16) + self._pattern().to(images.device, torch.int16)
+        return summed.clamp(0, 255).to(torch.uint8)

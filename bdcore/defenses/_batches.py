@@ -55,7 +55,8 @@ def defense_device(ctx: DefenseContext) -> torch.device:
 
 
 def held_out_accuracy(model: nn.Module, clean: DefenderData, info: DatasetInfo, device) -> float:
-    """Accuracy on the defender's held-out clean part: the only data any selection may use."""
+    """Accuracy on the defender's held-out clean part: the only data any selection may use. A
+    method that holds nothing out (holdout_fraction 0) reports it on its fitting data."""
     data = clean.val if len(clean.val) else clean.train
     acc = accuracy(model, data, info, device=device)
     model.train(False)

@@ -3,7 +3,9 @@ conv feeding each), with soft masks for mask-learning defenses and hard, persist
 
 Pruning zeroes a channel's BN scale and shift (and the feeding conv's filter), so the channel
 outputs exactly 0 in training and evaluation mode, and the pruned model is a plain state dict of
-the victim's architecture: the artifact needs no hooks or masks to reproduce it.
+the victim's architecture: the artifact needs no hooks or masks to reproduce it. ANP and RNP prune
+as their reference does instead, zeroing the BN scale alone (`zero_bn_scale`): the channel then
+outputs its BN shift.
 """
 from __future__ import annotations
 
@@ -99,6 +101,16 @@ def prune_unit_channels(unit: Unit, channels: torch.Tensor | list[int]) -> None:
 
 
 @torch.no_grad()
+def zero_bn_scale(unit: Unit, channels: torch.Tensor | list[int]) -> None:
+    """Set only the BN scale (weight) of `channels` to 0, leaving the BN shift and the feeding conv
+    as they are: how ANP and RNP prune (BackdoorBench defense/anp.py and rnp.py `pruning`). The
+    channel then outputs its constant shift instead of 0."""
+    idx = torch.as_tensor(channels, dtype=torch.long, device=unit.norm.weight.device)
+    if idx.numel():
+        unit.norm.weight[idx] = 0
+
+
+@torch.no_grad()
 def prune_conv_channels(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, channels: torch.Tensor | list[int]) -> None:
     """Zero output channels of a conv (and of the BN that normalises it, whose shift would otherwise
     leave a constant)."""
@@ -157,11 +169,17 @@ class SoftMasks:
             m.clamp_(0.0, 1.0)
 
     @contextmanager
-    def attached(self) -> Iterator["SoftMasks"]:
+    def attached(self, scale_only: bool = False) -> Iterator["SoftMasks"]:
+        """Mask the BN output while in the block; `scale_only` masks the BN scale alone (the output
+        becomes mask * (out - shift) + shift), as RNP's masked BatchNorm does."""
         handles = []
         for unit, mask in zip(self.units, self.masks):
-            handles.append(unit.norm.register_forward_hook(
-                lambda _m, _inp, out, mask=mask: out * mask.view(1, -1, 1, 1).to(out.dtype)))
+            if scale_only:
+                handles.append(unit.norm.register_forward_hook(
+                    lambda m, _inp, out, mask=mask: _mask_scale(m, out, mask)))
+            else:
+                handles.append(unit.norm.register_forward_hook(
+                    lambda _m, _inp, out, mask=mask: out * mask.view(1, -1, 1, 1).to(out.dtype)))
         try:
             yield self
         finally:
@@ -180,6 +198,16 @@ class SoftMasks:
             count += int(idx.numel())
         return count
 
+    def zero_scale_at_most(self, threshold: float) -> int:
+        """Zero the BN scale (only) of every channel whose mask is <= `threshold` (the reference's
+        comparison); returns how many channels are at or below it."""
+        count = 0
+        for unit, mask in zip(self.units, self.masks):
+            idx = torch.nonzero(mask.detach() <= threshold).flatten().cpu()
+            zero_bn_scale(unit, idx)
+            count += int(idx.numel())
+        return count
+
     def prune_lowest(self, number: int) -> int:
         """Hard-prune the `number` channels with the lowest mask values over all units."""
         if number <= 0:
@@ -191,6 +219,14 @@ class SoftMasks:
             local = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
             prune_unit_channels(unit, local.cpu())
         return int(min(number, values.numel()))
+
+
+def _mask_scale(norm: nn.BatchNorm2d, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BN output with its scale multiplied by `mask`: mask * (out - shift) + shift."""
+    if norm.bias is None:
+        return out * mask.view(1, -1, 1, 1).to(out.dtype)
+    shift = norm.bias.detach().view(1, -1, 1, 1)
+    return mask.view(1, -1, 1, 1).to(out.dtype) * (out - shift) + shift
 
 
 @contextmanager

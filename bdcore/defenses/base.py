@@ -82,6 +82,10 @@ class _Method(ABC):
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[DefenseConfig]] = DefenseConfig
+    # Share of the defender's clean subset held out for the method's own selection (a pruning
+    # level, a threshold). A method that selects nothing sets 0 and fits on the whole subset, as
+    # BackdoorBench's do; one that selects holds out 20% so nothing is chosen on the test set.
+    holdout_fraction: ClassVar[float] = 0.2
 
     def __init__(self, config: DefenseConfig):
         if not isinstance(config, self.config_class):

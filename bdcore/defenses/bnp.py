@@ -48,6 +48,7 @@ def gaussian_kl(mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor,
 class BNPruning(PostTrainingDefense):
     config_class = BNPConfig
     config: BNPConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config

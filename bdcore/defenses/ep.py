@@ -66,6 +66,7 @@ def histogram_entropy(values: torch.Tensor, bin_width: float) -> torch.Tensor:
 class EntropyPruning(PostTrainingDefense):
     config_class = EPConfig
     config: EPConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from bdcore.defenses._batches import held_out_accuracy
 from bdcore.defenses.base import DefenseConfig, DefenseContext, DefenseOutcome, PostTrainingDefense
 from bdcore.defenses.registry import register_defense
-from bdcore.metrics import accuracy
 from bdcore.train import TrainConfig, train_model
 
 
@@ -29,17 +29,18 @@ class FTConfig(DefenseConfig):
 class FineTuning(PostTrainingDefense):
     config_class = FTConfig
     config: FTConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config
         train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, schedule=cfg.schedule, device=ctx.device)
-        val_before = accuracy(model, clean.val, ctx.info, device=ctx.device)
+        val_before = held_out_accuracy(model, clean, ctx.info, ctx.device)
         result = train_model(model, clean.train, ctx.info, train_cfg, seed=cfg.seed, on_epoch_end=ctx.on_epoch_end,
                              checkpoint_dir=ctx.work_dir)
         return DefenseOutcome(model, {
             "clean_train_size": len(clean.train),
             "val_acc_before": val_before,
-            "val_acc_after": accuracy(model, clean.val, ctx.info, device=ctx.device),
+            "val_acc_after": held_out_accuracy(model, clean, ctx.info, ctx.device),
             "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
         })

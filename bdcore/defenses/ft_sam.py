@@ -101,6 +101,7 @@ class SAMStep:
 class FineTuningSAM(PostTrainingDefense):
     config_class = FTSAMConfig
     config: FTSAMConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config

@@ -154,6 +154,7 @@ def anomaly_indices(norms: list[float]) -> tuple[list[float], float, float]:
 class NeuralCleanse(PostTrainingDefense):
     config_class = NCConfig
     config: NCConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config

@@ -86,6 +86,7 @@ def shared_pgd(model, reference, batches: Batches, images, labels, cfg: SAUConfi
 class SAU(PostTrainingDefense):
     config_class = SAUConfig
     config: SAUConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config

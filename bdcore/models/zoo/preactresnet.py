@@ -37,10 +37,12 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """conv1 -> layer1..layer4 -> bn -> relu -> global average pool -> linear.
+    """conv1 -> layer1..layer4 -> global average pool -> linear, module for module BackdoorBench's
+    `models/preact_resnet.py`, so its checkpoints load and every defense sees the same units.
 
-    The final BN-ReLU is the paper's (the last unit's output is not activated otherwise); with
-    the adaptive pool, any input of at least 8x8 works (32x32 gives 4x4 at layer4, 64x64 8x8).
+    Deviation from the paper's reference code: no final BN-ReLU before the pool (BackdoorBench has
+    none; the pooled features are the last residual sum). With the adaptive pool, any input of at
+    least 8x8 works (32x32 gives 4x4 at layer4, 64x64 8x8).
     """
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3, num_classes: int = 10):
@@ -55,8 +57,6 @@ class PreActResNet(nn.Module):
                 layers.append(PreActBlock(in_planes, width, stride))
                 in_planes = width * PreActBlock.expansion
             setattr(self, f"layer{i}", nn.Sequential(*layers))
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(in_planes, num_classes)
         for m in self.modules():
@@ -72,7 +72,7 @@ class PreActResNet(nn.Module):
         out = self.layer2(out)
         out = self.layer3(out)
         out = self.layer4(out)
-        out = self.avgpool(self.relu(self.bn(out)))
+        out = self.avgpool(out)
         return self.linear(out.flatten(1))
 
 
