@@ -147,6 +147,17 @@ def _backdoorbench_preactresnet18_state(num_classes: int = 10) -> dict[str, tupl
     return state
 
 
+def test_preactresnet18_starts_from_pytorchs_default_initialisation():
+    """BackdoorBench's PreActResNet has no init pass: convs keep kaiming_uniform(a=sqrt(5)), whose
+    values lie within 1/sqrt(fan_in); a Kaiming-normal fan-out pass exceeds that bound."""
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", make_info())
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            assert module.weight.abs().max() <= 1 / fan_in ** 0.5 + 1e-7, name
+
+
 def test_preactresnet18_state_dict_is_backdoorbench_s():
     """A BackdoorBench checkpoint loads strictly: same keys, same shapes, nothing extra."""
     model = build_model("preactresnet18", make_info())

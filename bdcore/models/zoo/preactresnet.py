@@ -6,7 +6,6 @@ from torch import nn
 
 from bdcore.data.base import DatasetInfo
 from bdcore.models.registry import register_model
-from bdcore.models.zoo._common import kaiming_fan_out
 
 
 class PreActBlock(nn.Module):
@@ -41,7 +40,8 @@ class PreActResNet(nn.Module):
     `models/preact_resnet.py`, so its checkpoints load and every defense sees the same units.
 
     Deviation from the paper's reference code: no final BN-ReLU before the pool (BackdoorBench has
-    none; the pooled features are the last residual sum). With the adaptive pool, any input of at
+    none; the pooled features are the last residual sum), and PyTorch's default initialisation
+    (BackdoorBench's) instead of a Kaiming-normal pass. With the adaptive pool, any input of at
     least 8x8 works (32x32 gives 4x4 at layer4, 64x64 8x8).
     """
 
@@ -58,13 +58,8 @@ class PreActResNet(nn.Module):
                 in_planes = width * PreActBlock.expansion
             setattr(self, f"layer{i}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        # PyTorch's default initialisation of every layer, as BackdoorBench's model (no init pass).
         self.linear = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming_fan_out(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x):
         out = self.conv1(x)
