@@ -19,6 +19,15 @@ def defense_works(before: BackdoorMetrics, after: BackdoorMetrics, max_acc_loss:
     return after.asr <= before.asr / 2 and after.acc >= before.acc - max_acc_loss
 
 
+def reaches_reference(before: BackdoorMetrics, after: BackdoorMetrics, reference_asr: float,
+                      asr_slack: float = 0.15, acc_budget: float = 0.10) -> bool:
+    """The bar of a defense judged by what BackdoorBench's own implementation reaches on the same
+    test cell (digits, smallcnn, badnet 10%, defender 20%; figures in docs/methods.md): ASR at most
+    `asr_slack` above the reference's, clean accuracy down by at most `acc_budget` (the 10% budget
+    BackdoorBench's pruning defenses select within)."""
+    return after.asr <= reference_asr + asr_slack and after.acc >= before.acc - acc_budget
+
+
 @dataclass
 class DefenseRun:
     before: BackdoorMetrics

@@ -26,8 +26,9 @@ MCR_TEST_PARAMS = dict(endpoint_epochs=20, endpoint_lr=0.05, curve_epochs=30, lr
 
 def test_nad_defaults_follow_reference():
     c = build_defense("nad").config
-    assert (c.teacher_epochs, c.epochs, c.lr, c.teacher_lr, c.batch_size) == (10, 20, 0.01, 0.01, 128)
-    assert (c.betas, c.p, c.schedule, c.clean_fraction) == ([500.0, 1000.0, 1000.0], 2.0, "cosine", 0.05)
+    assert (c.teacher_epochs, c.epochs, c.lr, c.teacher_lr, c.batch_size) == (10, 10, 0.01, 0.01, 256)
+    assert (c.betas, c.p, c.schedule, c.teacher_schedule) == ([500.0, 1000.0, 1000.0], 2.0, "constant", "constant")
+    assert (c.stages, c.clean_fraction) == ("backdoorbench", 0.05)
 
 
 def test_ft_sam_defaults_follow_reference():
@@ -119,15 +120,18 @@ def test_mcr_curve_endpoints_and_t_rule(digits):
 # ---------------------------------------------------------------- behaviour
 
 def test_nad_removes_badnet(digits, badnet_cell):
-    """Deviations: teacher 20 epochs at lr 0.05 (digits recipe) instead of 10 at 0.01; student 10 epochs at
-    lr 0.02 instead of 20 at 0.01. Measured with the paper's lr 0.01 (teacher 10, student 10 epochs): the
-    teacher keeps the backdoor and the student ends at ACC 0.967 / ASR 0.832; with teacher lr 0.05 for 10
-    epochs: ACC 0.969 / ASR 0.523. At these params: seed 0 ACC 0.964 / ASR 0.069; seed 1 ACC 0.955 / ASR 0.065."""
+    """Deviations: teacher 20 epochs at lr 0.05 (digits recipe) instead of 10 at 0.01; student lr 0.02
+    instead of 0.01; batch 64 instead of 256. Defaults otherwise (BackdoorBench's): constant lr for both,
+    student 10 epochs, attention at features.2 / features.4 (betas 500 / 1000). Measured on the
+    fixture's model (ACC 0.964, ASR 0.963): ACC 0.947, ASR 0.065. Before (cosine schedules, stages
+    features.0/2/4 at 500/1000/1000), at these params: seed 0 ACC 0.964 / ASR 0.069; seed 1 ACC 0.955 /
+    ASR 0.065; with the paper's lr 0.01 (teacher 10, student 10 epochs) the teacher kept the backdoor and
+    the student ended at ACC 0.967 / ASR 0.832; with teacher lr 0.05 for 10 epochs: ACC 0.969 / ASR 0.523."""
     run = run_defense("nad", badnet_cell, digits, **NAD_TEST_PARAMS)
     assert defense_works(run.before, run.after), (run.before, run.after, run.outcome.diagnostics)
     d = run.outcome.diagnostics
-    assert d["layers"] == ["features.0", "features.2", "features.4"]
-    assert d["betas"] == [500.0, 1000.0, 1000.0]
+    assert d["layers"] == ["features.2", "features.4"]  # the last beta weighs the pooled map (BackdoorBench)
+    assert d["betas"] == [500.0, 1000.0]
     assert 0.85 <= d["teacher_val_acc"] <= 1 and 0.85 <= d["student_val_acc"] <= 1
     assert d["final_at_loss"] is not None and 0 <= d["final_at_loss"] < 1
 

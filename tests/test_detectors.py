@@ -58,9 +58,10 @@ def test_detector_defaults():
     assert (ac.n_components, ac.reduction, ac.cluster_analysis, ac.alpha, ac.size_threshold) == (
         10, "pca", "clean_reference", 0.05, 0.35)
     spectral = build_defense("spectral").config
-    assert (spectral.eps, spectral.removal_factor, spectral.centre, spectral.flag_rule) == (0.1, 1.5, "clean", "clean_quantile")
+    assert (spectral.centre, spectral.score, spectral.flag_rule, spectral.percentile) == ("label", "raw", "percentile", 85.0)
+    assert (spectral.eps, spectral.removal_factor, spectral.quantile) == (0.1, 1.5, 0.95)
     strip = build_defense("strip").config
-    assert (strip.n_superimpose, strip.frr, strip.clean_fraction) == (100, 0.05, 0.05)
+    assert (strip.n_superimpose, strip.frr, strip.clean_fraction) == (100, 0.1, 0.05)
 
 
 # -- behaviour ----------------------------------------------------------------------------------------
@@ -81,22 +82,35 @@ def test_ac_finds_the_poison_cluster(request, cell, digits):
 
 
 def test_spectral_scores_separate_the_poison(badnet_cell, digits):
-    """Measured (models of seed 0 / seed 1): AUROC 0.935 / 0.955, TPR 0.979 / 0.993, FPR 0.25 / 0.25
-    (the clean-quantile rule flags a quarter of the clean data with ~7 references per label). The
-    paper's centring on the label's own mean: AUROC 0.65; its 1.5 eps n rule: TPR 0.29, FPR 0.14."""
+    """Default, BackdoorBench's rule (label-mean centring, |projection| of the raw representation,
+    above each label's 85th percentile), measured on the fixture's model (ACC 0.964): AUROC 0.884,
+    TPR 0.292, FPR 0.138, 220 flagged. It flags 15% of every label, 42 of the target label's 275, and
+    all 144 poison samples are in the target label, so TPR cannot exceed ~0.29: it reaches it (every
+    target-label flag is poison); a random 15% would give 0.15.
+    The engine's clean-reference option (`centre: clean, score: centred, flag_rule: clean_quantile`):
+    AUROC 0.921, TPR 0.993, FPR 0.267 here (earlier models of seed 0 / 1: AUROC 0.935 / 0.955, TPR
+    0.979 / 0.993, FPR 0.25 / 0.25; the clean-quantile rule flags a quarter of the clean data with ~7
+    references per label). The paper's centred score on the label mean: AUROC 0.63."""
     detection, q = _detect("spectral", badnet_cell, digits)
+    assert q["detection_auroc"] >= 0.8 and q["detection_tpr"] >= 0.25, q
+    sizes = torch.bincount(badnet_cell[1].data.labels).tolist()
+    flagged = np.bincount(badnet_cell[1].data.labels.numpy()[np.asarray(detection.flagged, bool)], minlength=len(sizes))
+    assert all(int(0.15 * n) - 1 <= f <= int(np.ceil(0.15 * n)) for f, n in zip(flagged, sizes)), flagged
+    assert detection.diagnostics["per_label"]["0"]["centre"] == "label"
+    detection, q = _detect("spectral", badnet_cell, digits, centre="clean", score="centred", flag_rule="clean_quantile")
     assert q["detection_auroc"] >= 0.9, q
     assert q["detection_tpr"] >= 0.9 and q["detection_fpr"] <= 0.35, q
     assert detection.diagnostics["per_label"]["0"]["centre"] == "clean"
     paper = detection_quality(_detect("spectral", badnet_cell, digits, flag_rule="top")[0], badnet_cell[1].poison_indices)
-    assert paper["n_flagged"] == sum(int(np.ceil(0.15 * n)) for n in torch.bincount(badnet_cell[1].data.labels).tolist())
+    assert paper["n_flagged"] == sum(int(np.ceil(0.15 * n)) for n in sizes)
 
 
 def test_strip_flags_low_entropy_training_samples_and_triggered_inputs(badnet_cell, digits):
-    """10 superimpositions instead of the paper's 100 (CPU time). Measured: training set AUROC 0.993,
-    TPR 0.986, FPR 0.083; as an input filter at a 5% clean FRR set on the defender's data: 98% of
-    triggered test inputs rejected at a clean test FRR of 6.4%. (Blended, where superimposing clean
-    images dilutes the trigger: AUROC 0.62, so it is not asserted.)"""
+    """10 superimpositions instead of the paper's 100 (CPU time). Measured at the default 10% FRR
+    (BackdoorBench's) on the fixture's model: training set AUROC 0.997, TPR 0.986, FPR 0.096; as an
+    input filter: 98.4% of triggered test inputs rejected at a clean test FRR of 9.2% (earlier, at a
+    5% FRR: AUROC 0.993, TPR 0.986, FPR 0.083; 98% rejected at a clean test FRR of 6.4%). (Blended,
+    where superimposing clean images dilutes the trigger: AUROC 0.62, so it is not asserted.)"""
     detection, q = _detect("strip", badnet_cell, digits, n_superimpose=10)
     assert q["detection_auroc"] >= 0.95 and q["detection_tpr"] >= 0.9 and q["detection_fpr"] <= 0.15, q
     strip = build_defense("strip", n_superimpose=10)

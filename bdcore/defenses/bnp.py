@@ -10,8 +10,8 @@ poisoned training set). KL(N(m_c, v_c) || N(m_r, v_r)) = log(s_r / s_c) + (v_c +
 - 1/2; within each layer, neurons with KL > mean + u * std are pruned (BN scale and shift and the
 feeding conv filter zeroed). No fine-tuning.
 
-Defaults: u = 3 (paper / authors' code / BackdoorBench); one batch of 500 clean images (authors'
-code; BackdoorBench uses its batch size 256), drawn with the config seed from the defender's fitting
+Defaults: u = 3 (paper / authors' code / BackdoorBench); one batch of 256 clean images (BackdoorBench's
+config; the authors' code uses 500, `batch_size: 500`), drawn with the config seed from the defender's fitting
 part (`clean.train`). Deviations: pruned neurons output 0 (the authors zero only the BN scale,
 leaving the shift as a constant); the KL uses the standard-deviation ratio (BackdoorBench's copy
 takes the log of the variance ratio, twice the paper's term); variances include the BN eps. Nothing
@@ -31,7 +31,7 @@ from bdcore.defenses.registry import register_defense
 
 class BNPConfig(DefenseConfig):
     u: float = Field(3.0, ge=0)  # prune KL > mean + u * std within a layer
-    batch_size: int = Field(500, ge=2)  # clean images whose pre-activation statistics are compared
+    batch_size: int = Field(256, ge=2)  # clean images whose pre-activation statistics are compared
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

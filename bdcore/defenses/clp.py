@@ -2,21 +2,32 @@
 outlying upper bound of the channel's Lipschitz constant; prune those channels, without any data.
 
 Zheng, Tang, Li, Liu, "Data-Free Backdoor Removal based on Channel Lipschitzness", ECCV 2022.
-For every Conv2d output channel k, with the BN that directly normalises the conv folded in
-(W_k * |gamma_k| / sqrt(running_var_k + eps)), the upper bound of the channel Lipschitz constant
-(UCLC) is the largest singular value of the kernel reshaped to C_in x (kh * kw). Within each conv
-layer, channels with UCLC > mean + u * std are pruned (conv filter and BN scale and shift zeroed).
-Convs without a BN use their weights alone. No data and no fine-tuning; random noise of the input
-shape is pushed through the model once only to find which BN follows which conv.
+For a conv paired with a BN, the upper bound of channel k's Lipschitz constant (UCLC) is the largest
+singular value of W_k * |gamma_k| / sqrt(running_var_k + eps), the kernel reshaped to
+C_in x (kh * kw). Within each pair, channels with UCLC > mean + u * std are pruned. No data and no
+fine-tuning.
 
-Defaults: u = 3 (paper, authors' code, BackdoorBench). Deviation: the conv filters are zeroed as
-well as the BN scale and shift (the authors zero the BN only; the channel outputs 0 either way).
+Defaults: u = 3 (paper, authors' code, BackdoorBench), `pairing: module_order`, BackdoorBench's rule
+(defense/clp.py CLP_prune): walk named_modules in order, pair every BatchNorm2d with the last Conv2d
+registered before it, and prune by zeroing that BN's scale and shift only. On PreAct-ResNet18 this
+pairs each block's bn2 with its conv1 (the conv it normalises), each bn1 with the previous block's
+last conv (conv2, or the projection shortcut `shortcut.0`, registered after conv2), the first bn1
+with the stem conv. A model without such a pair (no BatchNorm2d) is skipped.
+`pairing: traced` is the engine's former rule: every Conv2d with the BN that directly normalises its
+output (found by pushing noise of the input shape through the model once), conv filter and BN both
+zeroed, convs without a BN on their weights alone.
+Deviations: a BN whose width differs from its module-order conv's output, or with no conv before
+it, is left alone and listed in `unpaired_bn` (BackdoorBench would fail on it or read the wrong
+filters); the BN's eps is kept in the fold (BackdoorBench divides by sqrt(running_var) alone).
 clean_fraction is accepted for interface uniformity and ignored.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
+from torch import nn
 
 from bdcore.data.augment import Normalizer
 from bdcore.defenses._batches import defense_device
@@ -27,6 +38,19 @@ from bdcore.defenses.registry import register_defense
 
 class CLPConfig(DefenseConfig):
     u: float = Field(3.0, ge=0)  # prune UCLC > mean + u * std within a layer
+    pairing: Literal["module_order", "traced"] = "module_order"  # see the module docstring
+
+
+def module_order_pairs(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d, str, nn.Conv2d]]:
+    """(bn name, bn, conv name, conv): every BatchNorm2d with the last Conv2d registered before it in
+    `named_modules` order (BackdoorBench's CLP pairing), when that conv's output width is the BN's."""
+    pairs, last = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            last = (name, module)
+        elif isinstance(module, nn.BatchNorm2d) and last is not None and last[1].out_channels == module.num_features:
+            pairs.append((name, module, *last))
+    return pairs
 
 
 @torch.no_grad()
@@ -39,10 +63,18 @@ def channel_lipschitz(conv: torch.nn.Conv2d, norm: torch.nn.BatchNorm2d | None) 
     return torch.linalg.matrix_norm(weight, ord=2)
 
 
+@torch.no_grad()
+def _zero_bn_channels(norm: nn.BatchNorm2d, idx: torch.Tensor) -> None:
+    idx = idx.to(norm.weight.device)
+    norm.weight[idx] = 0
+    norm.bias[idx] = 0
+
+
 @register_defense("clp")
 class ChannelLipschitzPruning(PostTrainingDefense):
     config_class = CLPConfig
     config: CLPConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config
@@ -50,8 +82,7 @@ class ChannelLipschitzPruning(PostTrainingDefense):
             raise DefenseSkipped(f"clp prunes Conv2d channels and {type(model).__name__} has none")
         device = defense_device(ctx)
         model.to(device).eval()
-        noise = torch.rand(1, *ctx.info.image_shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-        layers = conv_units(model, Normalizer(ctx.info, device)(noise))
+        layers, extra = self._layers(model, ctx, device)
         per_layer, max_uclc, pruned, channels = {}, {}, 0, 0
         for name, conv, norm in layers:
             uclc = channel_lipschitz(conv, norm)
@@ -60,12 +91,17 @@ class ChannelLipschitzPruning(PostTrainingDefense):
                 per_layer[name] = 0
                 continue
             idx = torch.nonzero(uclc > uclc.mean() + cfg.u * uclc.std()).flatten()
-            prune_conv_channels(conv, norm, idx)
+            if cfg.pairing == "module_order":  # BackdoorBench zeroes the BN's scale and shift only
+                _zero_bn_channels(norm, idx)
+            else:
+                prune_conv_channels(conv, norm, idx)
             per_layer[name] = int(idx.numel())
             max_uclc[name] = float(uclc.max())
             pruned += int(idx.numel())
         return DefenseOutcome(model.to("cpu").eval(), {
             "u": float(cfg.u),
+            "pairing": cfg.pairing,
+            **extra,
             "clean_data_used": 0,
             "pruned_channels": pruned,
             "total_channels": channels,
@@ -73,3 +109,20 @@ class ChannelLipschitzPruning(PostTrainingDefense):
             "pruned_per_layer": per_layer,
             "max_uclc_per_layer": max_uclc,
         })
+
+    def _layers(self, model, ctx: DefenseContext, device) -> tuple[list, dict]:
+        """(name, conv, bn or None) per analysed layer under the configured pairing, and diagnostics.
+        module_order names a layer by its BN (what is pruned), traced by its conv."""
+        if self.config.pairing == "traced":
+            noise = torch.rand(1, *ctx.info.image_shape, generator=torch.Generator().manual_seed(self.config.seed))
+            return conv_units(model, Normalizer(ctx.info, device)(noise.to(device))), {}
+        pairs = module_order_pairs(model)
+        if not pairs:
+            raise DefenseSkipped(f"clp (pairing module_order, BackdoorBench's) prunes BatchNorm2d channels and "
+                                 f"{type(model).__name__} has no BatchNorm2d after a Conv2d of its width; "
+                                 "pairing: traced prunes convs on their weights alone")
+        paired = {bn_name for bn_name, *_ in pairs}
+        return [(bn_name, conv, norm) for bn_name, norm, _conv_name, conv in pairs], {
+            "paired_conv": {bn_name: conv_name for bn_name, _norm, conv_name, _conv in pairs},
+            "unpaired_bn": [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and n not in paired],
+        }

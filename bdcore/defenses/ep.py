@@ -10,8 +10,8 @@ width (a Gaussian has the largest entropy at a given variance; a two-population 
 Within each layer, neurons with entropy < mean - u * std are pruned (BN scale and shift and the
 feeding conv filter zeroed). Uses no clean data and no fine-tuning.
 
-Defaults: u = 3 (paper / authors' code / BackdoorBench); one batch of 500 poisoned-training images
-(the authors' batch size; BackdoorBench uses one batch of 256, the authors' code all batches), drawn
+Defaults: u = 3 (paper / authors' code / BackdoorBench); one batch of 256 poisoned-training images
+(BackdoorBench's config; the authors' batch is 500, `batch_size: 500`, and their code uses all batches), drawn
 with the config seed; bin width 0.1 in standard deviations (BackdoorBench; the authors' 0.01 suits
 their full 50,000-image training set, not one batch). Deviations: pruned neurons output 0 (the
 authors zero only the BN scale); neurons with zero variance on the batch (dead or already pruned)
@@ -34,7 +34,7 @@ from bdcore.defenses.registry import register_defense
 
 class EPConfig(DefenseConfig):
     u: float = Field(3.0, ge=0)  # prune entropy < mean - u * std within a layer
-    batch_size: int = Field(500, ge=2)  # poisoned-training images whose pre-activations are measured
+    batch_size: int = Field(256, ge=2)  # poisoned-training images whose pre-activations are measured
     bin_width: float = Field(0.1, gt=0)  # histogram bin, in standard deviations of the neuron
 
 

@@ -2,22 +2,29 @@
 the model's loss on clean data, then update the model through the implicit hypergradient of it.
 
 Zeng, Chen, Park, Mao, Jin & Jia, "Adversarial Unlearning of Backdoors via Implicit Hypergradient",
-ICLR 2022. Per round: (inner) one universal perturbation delta (1 x C x H x W, [0, 1] pixel space as
-the authors' code, which feeds unnormalised images) is fitted by SGD (lr 10), one step per clean
-batch, maximising CE(f(x + delta), f(x)) - 0.001 * |delta|_2^2; (outer) one Adam step per clean batch
-on H(delta, theta) = CE(f(x + delta on a random `outer_portion` of the batch), y), with the implicit
-hypergradient dH/dtheta = dH/dtheta|_delta + (dPhi/dtheta)^T v, where Phi(delta) = delta - 0.1 *
-grad_delta L_inner is the inner fixed-point map and v solves v = (dPhi/ddelta)^T v + dH/ddelta by K
-fixed-point iterations (vector-Jacobian products through torch.autograd.grad).
-Defaults (REFERENCE / BackdoorBench i-bau): Adam lr 1e-4, n_rounds 5, K 5, batch 256; the authors'
-code: inner SGD lr 10, regulariser 1e-3, fixed-point step 0.1, outer portion 0.01, no norm bound
-(their L2 ball of radius 10 is commented out; `pert_l2_bound` re-enables one). BN in evaluation mode
-throughout, as both codes do.
-Deviations: x + delta is clamped to [0, 1] (a valid image); the fixed-point map's inner loss uses the
-current batch (the authors' code always uses the first batch); no shuffling artifacts: batches are
-seeded.
+ICLR 2022. Per round: (inner) one universal perturbation delta (1 x C x H x W) is fitted by SGD
+(lr 10), one step per clean batch, maximising CE(f(x + delta), f(x)) - 0.001 * |delta|_2^2; (outer)
+one Adam step per clean batch on H(delta, theta) = CE(f(x + delta on a random `outer_portion` of the
+batch), y), with the implicit hypergradient dH/dtheta = dH/dtheta|_delta + (dPhi/dtheta)^T v, where
+Phi(delta) = delta - 0.1 * grad_delta L_inner is the inner fixed-point map and v solves
+v = (dPhi/ddelta)^T v + dH/ddelta by K fixed-point iterations (vector-Jacobian products through
+torch.autograd.grad).
+Defaults (BackdoorBench defense/i-bau.py, config/defense/i-bau/cifar10.yaml): Adam lr 1e-4 with
+amsgrad (its optimizer factory sets amsgrad for Adam), no weight decay, n_rounds 5, K 5, batch 256,
+training augmentation; inner SGD lr 10, regulariser 1e-3, fixed-point step 0.1, outer portion 0.01,
+no norm bound (the L2 ball of radius 10 is commented out; `pert_l2_bound` re-enables one, in the
+units of `space`). `space: normalized` (BackdoorBench): x is the normalised model input and delta is
+added to it unclamped (the clamp to [0, 1] is commented out there), so an SGD step moves the input
+by lr * dL/dinput; `space: pixel` adds delta to the [0, 1] image and clamps it before normalising
+(the authors' code feeds unnormalised images; with CIFAR-10's std ~0.25 a pixel-space step is
+~1/std^2 = 16x larger in normalised units). BN in evaluation mode throughout, as both codes do.
+Deviations: the fixed-point map's inner loss uses the current batch (BackdoorBench always uses the
+first batch); the outer loss perturbs at least one sample of a batch (BackdoorBench's
+int(0.01 * n) is 0 below 100 images); batches are seeded.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +44,25 @@ class IBAUConfig(DefenseConfig):
     inner_reg: float = Field(1e-3, ge=0)  # weight of |delta|_2^2 in the inner objective
     fp_step: float = Field(0.1, gt=0)  # step of the fixed-point map Phi
     outer_portion: float = Field(0.01, gt=0, le=1)  # share of each batch the outer loss perturbs
-    pert_l2_bound: float | None = Field(None, gt=0)  # optional L2 ball for delta (pixel space)
+    pert_l2_bound: float | None = Field(None, gt=0)  # optional L2 ball for delta (in `space` units)
     augment: bool = True  # BackdoorBench loads the clean subset with training augmentation
+    space: Literal["normalized", "pixel"] = "normalized"  # where delta lives (module docstring)
+    amsgrad: bool = True  # BackdoorBench's Adam
 
 
-def _perturb(images01: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return (images01 + delta).clamp(0.0, 1.0)
+def _perturbed_input(batches: Batches, images01: torch.Tensor, delta: torch.Tensor, space: str) -> torch.Tensor:
+    """The model input of images01 carrying delta: added to the normalised input unclamped
+    (BackdoorBench), or to the [0, 1] image, clamped, then normalised."""
+    if space == "normalized":
+        return batches.model_input(images01) + delta
+    return batches.model_input((images01 + delta).clamp(0.0, 1.0))
 
 
 @register_defense("i_bau")
 class IBAU(PostTrainingDefense):
     config_class = IBAUConfig
     config: IBAUConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config
@@ -57,7 +71,7 @@ class IBAU(PostTrainingDefense):
         val_before = held_out_accuracy(model, clean, ctx.info, device)
         batches = Batches(clean.train, ctx.info, device, cfg.batch_size, augment=cfg.augment, seed=cfg.seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad)
         generator = torch.Generator().manual_seed(cfg.seed)
         c, h, w = clean.train.images.shape[1:]
 
@@ -116,7 +130,7 @@ class IBAU(PostTrainingDefense):
             for images, _labels in batches.epoch():
                 with torch.no_grad():
                     own = model(batches.model_input(images)).argmax(1)
-                ce = F.cross_entropy(model(batches.model_input(_perturb(images, delta))), own)
+                ce = F.cross_entropy(model(_perturbed_input(batches, images, delta, cfg.space)), own)
                 loss = -ce + cfg.inner_reg * delta.pow(2).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -142,12 +156,12 @@ class IBAU(PostTrainingDefense):
         chosen = torch.randperm(n, generator=generator)[:k].to(images.device)
         which = torch.zeros(n, 1, 1, 1, device=images.device)
         which[chosen] = 1.0
-        outer = F.cross_entropy(model(batches.model_input(_perturb(images, delta * which))), labels)
+        outer = F.cross_entropy(model(_perturbed_input(batches, images, delta * which, cfg.space)), labels)
         grad_delta, *grad_direct = torch.autograd.grad(outer, [delta, *params], allow_unused=True)
         grad_direct = [torch.zeros_like(p) if g is None else g for g, p in zip(grad_direct, params)]
 
         # Fixed-point map of the inner problem: Phi(delta, theta) = delta - step * grad_delta L_inner.
-        inner = -F.cross_entropy(model(batches.model_input(_perturb(images, delta))), labels) \
+        inner = -F.cross_entropy(model(_perturbed_input(batches, images, delta, cfg.space)), labels) \
             + cfg.inner_reg * delta.pow(2).sum()
         (g_inner,) = torch.autograd.grad(inner, delta, create_graph=True)
         mapped = delta - cfg.fp_step * g_inner

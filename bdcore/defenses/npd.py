@@ -10,11 +10,15 @@ stopping early once `hit_rate_stop` of the batch is classified as t. Then the po
 SGD step on  l1 * CE(f(x), y) + l2 * CE(f(x*), y) + l3 * -log(1 - p_top_non_label(x*))
 + l4 * -log(1 - p_t(x*)).
 
-Defaults (REFERENCE.md): polarizer = 1x1 conv (no bias, identity init) + BatchNorm2d before
-`layer4.1.conv1` (PreAct-ResNet18); 5 warm-up epochs at lr 1e-4 (constant), then 50 epochs at lr
-0.01 cosine, batch 128, SGD momentum 0.9, weight decay 5e-4, training augmentation; L2 budget 3.0,
-2 steps, adv lr 0.1, early stop at 60% hits (Linf variant: budget 0.2, 10 steps);
-l1..l4 = 1, 0.4, 0.4, 0.4; clean_fraction 0.05.
+Defaults (BackdoorBench defense/npd.py, config/defense/npd/cifar10.yaml): polarizer = 1x1 conv (no
+bias, identity init) + BatchNorm2d before `layer4.1.conv1` (PreAct-ResNet18); warm-up: 5 epochs of
+plain SGD (no momentum, no weight decay) at lr 1e-4 on CE of the clean data, the polarizer's BN in
+training mode; main phase: 50 epochs of SGD lr 0.01 held constant (the yaml names a cosine schedule
+but train_npd never steps it), momentum 0.9, weight decay 5e-4, batch 128, the polarizer's BN in
+evaluation mode for every batch (its statistics stay those of the warm-up; only its affine part and
+the conv learn); the clean data without augmentation (BackdoorBench loads it with the test
+transform); L2 budget 3.0, 2 steps, adv lr 0.1, early stop at 60% hits (Linf variant: budget 0.2,
+10 steps); l1..l4 = 1, 0.4, 0.4, 0.4; clean_fraction 0.05.
 
 Choices and deviations:
 - Any model: `layer` is a dotted module path; the polarizer goes in front of that module (the
@@ -25,9 +29,10 @@ Choices and deviations:
   The target may be any module whose input is an N x C x H x W tensor (the polarizer mixes
   channels); other inputs raise ValueError. An unknown path raises ValueError naming close paths;
   a model without a qualifying conv (default rule) is skipped.
-- The backdoored model stays in evaluation mode (frozen BN statistics) while the polarizer trains;
-  the warm-up uses the full loss (only its learning rate differs).
-- CE(f(x*), .) uses the clean label y (the defender's data is clean).
+- The backdoored model stays in evaluation mode (frozen BN statistics) while the polarizer trains.
+- CE(f(x*), .) uses the clean label y; BackdoorBench uses the model's prediction on x, which is y
+  wherever the model is right on the defender's clean data.
+- The clean subset is a seeded random draw; BackdoorBench draws it class-balanced (`choose_by_class`).
 - Perturbations live in [0, 1] pixel space (clamped), normalised before the model.
 """
 from __future__ import annotations
@@ -65,6 +70,7 @@ class NPDConfig(DefenseConfig):
     lambda_adv: float = Field(0.4, ge=0)
     lambda_top: float = Field(0.4, ge=0)
     lambda_target: float = Field(0.4, ge=0)
+    augment: bool = False  # BackdoorBench loads the clean subset with the test transform
 
     def attack_budget(self) -> float:
         return self.budget if self.budget is not None else (3.0 if self.norm == "l2" else 0.2)
@@ -157,11 +163,14 @@ def insert_polarizer(model: nn.Module, layer: str, channels: int) -> NeuralPolar
 
 
 class _NPDStep:
-    """The training step: only the polarizer learns; the rest of the model stays in eval mode."""
+    """The training step: only the polarizer learns; the rest of the model stays in eval mode. The
+    warm-up step is CE on the clean batch with the polarizer's BN in training mode; the main step
+    keeps that BN in evaluation mode (BackdoorBench), so its statistics stay the warm-up's."""
 
-    def __init__(self, polarizer: NeuralPolarizer, cfg: NPDConfig):
+    def __init__(self, polarizer: NeuralPolarizer, cfg: NPDConfig, warmup: bool = False):
         self.polarizer = polarizer
         self.cfg = cfg
+        self.warmup = warmup
         self.budget = cfg.attack_budget()
         self.steps = cfg.attack_steps()
         self.stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "adv", "top", "target", "hit")}
@@ -174,15 +183,16 @@ class _NPDStep:
 
     def __call__(self, images, labels, indices, ctx):
         cfg, model = self.cfg, ctx.model
-        model.eval()
-        self.polarizer.train()
+        model.eval()  # the loop sets training mode every epoch; the backdoored model stays frozen
+        if self.warmup:
+            self.polarizer.train()
+            return F.cross_entropy(model(to_model_input(images, ctx)), labels)
+        self.polarizer.eval()
         logits = model(to_model_input(images, ctx))
         loss_clean = F.cross_entropy(logits, labels)
         with torch.no_grad():
             target = logits.detach().scatter(1, labels.view(-1, 1), float("-inf")).argmax(1)
-        # Targeted attack toward the most confident non-true class (polarizer BN in eval mode: the
-        # attack does not move its running statistics).
-        self.polarizer.eval()
+        # Targeted attack toward the most confident non-true class.
         delta = torch.zeros_like(images, requires_grad=True)
         for _ in range(self.steps):
             out = model(to_model_input((images + delta).clamp(0, 1), ctx))
@@ -192,7 +202,6 @@ class _NPDStep:
             with torch.no_grad():
                 delta = self._project(delta - cfg.adv_lr * grad.sign())
             delta.requires_grad_(True)
-        self.polarizer.train()
         adv = (images + delta.detach()).clamp(0, 1)
         out = model(to_model_input(adv, ctx))
         probs = out.softmax(1)
@@ -221,6 +230,7 @@ class _NPDStep:
 class NeuralPolarizerDefense(PostTrainingDefense):
     config_class = NPDConfig
     config: NPDConfig
+    holdout_fraction = 0.0  # selects nothing: fits on the whole clean subset, as BackdoorBench
 
     def repair(self, model, clean, ctx: DefenseContext) -> DefenseOutcome:
         cfg = self.config
@@ -232,13 +242,14 @@ class NeuralPolarizerDefense(PostTrainingDefense):
         model.requires_grad_(False)
         polarizer = insert_polarizer(model, layer, channels)
         params = list(polarizer.parameters())
-        step = _NPDStep(polarizer, cfg)
-        if cfg.warmup_epochs:
+        if cfg.warmup_epochs:  # BackdoorBench: plain SGD (no momentum, no weight decay) at a constant lr
             fine_tune(model, clean.train, ctx, cfg.warmup_epochs, cfg.warmup_lr, cfg.batch_size, cfg.seed,
-                      stage="npd_warmup", schedule="constant", step=step, parameters=params)
-        step.stats = {k: [] for k in step.stats}
+                      stage="npd_warmup", schedule="constant", step=_NPDStep(polarizer, cfg, warmup=True),
+                      parameters=params, augment=cfg.augment, momentum=0.0, weight_decay=0.0)
+        step = _NPDStep(polarizer, cfg)
+        # Constant lr: BackdoorBench builds a cosine scheduler but never steps it in train_npd.
         history = fine_tune(model, clean.train, ctx, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, stage="npd",
-                            schedule="cosine", step=step, parameters=params)
+                            schedule="constant", step=step, parameters=params, augment=cfg.augment)
         model.to(device).eval()
         batches_per_epoch = -(-len(clean.train) // min(cfg.batch_size, len(clean.train)))
         diagnostics = {

@@ -6,14 +6,22 @@ Networks", ACSAC 2019.
 
 Each input is superimposed on `n_superimpose` clean images drawn from the defender's subset (pixel
 sum, saturated at white, as the authors' image blend with weights 1 and 1), and its score is minus the
-mean Shannon entropy (bits) of the model's predictions on the copies. The decision boundary is the
-entropy quantile of the defender's clean inputs at the target false-rejection rate `frr`: inputs below
-it are flagged. As a poisoned-sample detector it scores the training set (and retrains without the
-flagged samples); as an inference-time filter (`filter_quality`) it reports the share of triggered
-test inputs rejected at that boundary, and the FRR actually reached on the clean test set.
+mean Shannon entropy (bits) of the model's predictions on the copies. The decision boundary is set on
+the defender's clean inputs at the target false-rejection rate `frr`: their entropies sorted
+ascending, the one at index int(frr * n); inputs strictly below it are flagged (one-sided: a low
+entropy is the trigger's signature). As a poisoned-sample detector it scores the training set (and
+retrains without the flagged samples); as an inference-time filter (`filter_quality`) it reports the
+share of triggered test inputs rejected at that boundary, and the FRR actually reached on the clean
+test set.
 
-Defaults: 100 superimpositions (the paper), frr 0.05 (the paper reports 1% and up; the engine's
-inference-time figure is at 5%).
+Defaults (BackdoorBench detection_pretrain/strip.py and detection_infer/strip.py: STRIP(N=100,
+strip_alpha=1.0, defense_fpr=0.1)): 100 superimpositions, frr 0.1, the boundary rule above. Its
+upper threshold is +inf, so BackdoorBench's rule is one-sided, as the paper's.
+Deviations: the clean references are the defender's clean subset (BackdoorBench draws them from the
+clean test set); the blend is the authors' saturating pixel sum (weights 1 and 1, clipped at white)
+where BackdoorBench adds the two normalised tensors unclipped (pixel x1 + x2 - mean); overlays are
+drawn per input (BackdoorBench: the same 100 clean images for a batch of 128); entropy in bits
+(BackdoorBench: nats, the same decisions).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from bdcore.defenses.registry import register_defense
 
 class STRIPConfig(DefenseConfig):
     n_superimpose: int = Field(100, ge=2)
-    frr: float = Field(0.05, gt=0, lt=1)  # false-rejection rate on clean inputs that sets the boundary
+    frr: float = Field(0.1, gt=0, lt=1)  # false-rejection rate on clean inputs that sets the boundary
     batch_size: int = Field(1024, ge=1)  # superimposed copies per forward pass
 
 
@@ -60,9 +68,11 @@ class STRIP(PoisonDetector, InputFilter):
         return torch.cat(out) if out else torch.empty(0)
 
     def boundary(self, model, clean, ctx) -> tuple[float, torch.Tensor]:
-        """(entropy boundary at the configured FRR, the clean inputs' entropies)."""
+        """(entropy boundary at the configured FRR, the clean inputs' entropies): the sorted clean
+        entropy at index int(frr * n), so int(frr * n) clean inputs fall strictly below it."""
         reference = self.entropies(model, all_clean(clean).images, clean, ctx, salt=1)
-        return float(torch.quantile(reference.double(), self.config.frr)), reference
+        ordered = reference.double().sort().values
+        return float(ordered[int(self.config.frr * len(ordered))]), reference
 
     def detect(self, model, data, clean, ctx) -> Detection:
         threshold, reference = self.boundary(model, clean, ctx)
