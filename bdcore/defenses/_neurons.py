@@ -189,15 +189,6 @@ class SoftMasks:
     def flat(self) -> torch.Tensor:
         return torch.cat([m.detach().flatten() for m in self.masks])
 
-    def prune_below(self, threshold: float) -> int:
-        """Hard-prune every channel whose mask is below `threshold`; returns how many."""
-        count = 0
-        for unit, mask in zip(self.units, self.masks):
-            idx = torch.nonzero(mask.detach() < threshold).flatten().cpu()
-            prune_unit_channels(unit, idx)
-            count += int(idx.numel())
-        return count
-
     def zero_scale_at_most(self, threshold: float) -> int:
         """Zero the BN scale (only) of every channel whose mask is <= `threshold` (the reference's
         comparison); returns how many channels are at or below it."""
@@ -207,18 +198,6 @@ class SoftMasks:
             zero_bn_scale(unit, idx)
             count += int(idx.numel())
         return count
-
-    def prune_lowest(self, number: int) -> int:
-        """Hard-prune the `number` channels with the lowest mask values over all units."""
-        if number <= 0:
-            return 0
-        values = self.flat()
-        order = values.argsort()[:number]
-        offsets = torch.tensor([0, *torch.tensor([u.channels for u in self.units]).cumsum(0).tolist()])
-        for i, unit in enumerate(self.units):
-            local = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
-            prune_unit_channels(unit, local.cpu())
-        return int(min(number, values.numel()))
 
 
 def _mask_scale(norm: nn.BatchNorm2d, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
