@@ -186,9 +186,6 @@ class SoftMasks:
             for h in handles:
                 h.remove()
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([m.detach().flatten() for m in self.masks])
-
     def zero_scale_at_most(self, threshold: float) -> int:
         """Zero the BN scale (only) of every channel whose mask is <= `threshold` (the reference's
         comparison); returns how many channels are at or below it."""
